@@ -1,0 +1,74 @@
+"""Command line of the pipeline; the Makefile calls it, and so can you.
+
+    python -m pipeline validate --domain finance                  # check pack.yaml and every data file
+    python -m pipeline run sft --domain finance sft.learning_rate=1e-4
+    python -m pipeline run all --domain finance --force
+    python -m pipeline show --domain finance data=hub              # the resolved pack as YAML
+    python -m pipeline keys                                        # every pack key, its type and default
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.pack import PackError
+
+EPILOG = """overrides: any pack key as key.path=value, e.g. sft.learning_rate=1e-4, data=hub,
+  pref.method=orpo, cpt.enabled=false, eval.prompts.0.path=data/other.jsonl (see `keys`).
+environment: RUNS_DIR (default ./runs), DOMAINS_DIR (default ./domains), HF_HUB_OFFLINE (default 1)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.runner import STAGES
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("validate", "check the pack and its data files, listing every problem"),
+                       ("show", "print the resolved pack (after overrides) as YAML"),
+                       ("run", "run stages up to STAGE, skipping those whose fingerprint is unchanged")):
+        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "run":
+            p.add_argument("stage", choices=(*STAGES, "all"), help="the last stage to build ('all': every one)")
+            p.add_argument("--force", action="store_true", help="rerun STAGE even when it is up to date")
+        p.add_argument("--domain", required=True, help="a folder under domains/, e.g. finance")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="pack overrides")
+    sub.add_parser("keys", help="list every pack key with its type, default and meaning")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "keys":
+            from pipeline.pack import describe
+
+            print("\n".join(describe()))
+            return 0
+        from pipeline.pack import load_pack
+
+        pack = load_pack(args.domain, args.overrides)
+        if args.command == "show":
+            import yaml
+
+            print(yaml.safe_dump(pack.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+        elif args.command == "validate":
+            from pipeline.data import validate_data
+
+            problems = validate_data(pack)
+            if problems:
+                raise PackError(problems, f"domain '{pack.name}' has problems")
+            print(f"{pack.name}: pack.yaml and its data are valid")
+        else:
+            from pipeline.runner import run
+
+            run(pack, args.stage, force=args.force)
+    except PackError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are intact; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

