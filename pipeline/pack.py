@@ -219,6 +219,8 @@ class Pack(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     description: str = ""
     system_prompt: str = ""
+    intended_use: str = Field("", description="model card: what the model is for")
+    limitations: str = Field("", description="model card: limits, e.g. 'not a substitute for a professional'")
     data: Literal["local", "hub"] = Field("local", description="which dataset lists the stages train on")
     licence: Literal["any", "permissive"] = Field("any", description="'permissive' drops non-commercial sources")
     base: BaseStage = Field(default_factory=BaseStage)

@@ -35,6 +35,8 @@ STAGES = ("base", "cpt", "sft", "pref", "merge", "eval", "report")
 # Stages that exist; a stage not built yet is absent rather than faked.
 STAGE_MODULES = {
     "base": "pipeline.base",
+    "eval": "pipeline.evaluate",
+    "report": "pipeline.report",
 }
 
 # Which earlier stages each stage reads (their fingerprints are part of its own).

@@ -1,0 +1,268 @@
+"""Report stage: what each stage did to the model, in numbers and pictures.
+
+    python -m pipeline run report --domain finance      # prints the paths; opens nothing
+
+Writes runs/<domain>/report/report.md and a self-contained report.html (plots embedded as PNG), with
+links runs/<domain>/report.md and report.html next to the stage folders: a stage table (wall time,
+tokens, tokens/s, final train and eval loss), every eval metric by model with the change against base,
+loss curves, sample answers base vs tuned, and the arena leaderboard when votes exist. It also writes a
+model card README.md into the served (merged) model folder.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from pipeline.runner import STAGES, read_stage
+
+TRAINING = ("cpt", "sft", "pref")
+# metric -> (label, lower is better)
+METRICS = {
+    "domain_ppl": ("held-out domain perplexity", True),
+    "general_ppl": ("general-English perplexity", True),
+    "sft_loss": ("held-out conversation loss", True),
+    "pref_accuracy": ("preference ranking accuracy", False),
+    "pref_margin": ("preference margin (nats/token)", False),
+    "reward_accuracy": ("DPO implicit-reward accuracy vs base", False),
+    "reward_margin": ("DPO implicit-reward margin", False),
+}
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_rows(run_dir: Path) -> list[list[str]]:
+    rows = []
+    for stage in STAGES[:-1]:
+        info = read_stage(run_dir, stage)
+        if info is None:
+            rows.append([stage, "not built", "", "", "", "", ""])
+            continue
+        m = info.get("metrics") or {}
+        status = "disabled (passes its input through)" if info.get("disabled") else "built"
+        rows.append([stage, status, fmt(info.get("wall_time_s"), 4), fmt(m.get("tokens")),
+                     fmt(m.get("tokens_per_s"), 4), fmt(m.get("train_loss")), fmt(m.get("eval_loss"))])
+    return rows
+
+
+def metric_rows(metrics: dict) -> list[list[str]]:
+    models = list(metrics)
+    base = metrics.get("base", {})
+    rows = []
+    for key, (label, lower) in METRICS.items():
+        if not any(key in m for m in metrics.values()):
+            continue
+        row = [label + (" ↓" if lower else " ↑")]
+        for model in models:
+            value = metrics[model].get(key)
+            cell = fmt(value)
+            if model != "base" and value is not None and base.get(key) is not None:
+                delta = value - base[key]
+                cell += f" ({'+' if delta >= 0 else ''}{delta:.3g})"
+            row.append(cell)
+        rows.append(row)
+    return rows
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def plot_losses(run_dir: Path, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {s: read_log(run_dir / s / "log.jsonl") for s in TRAINING}
+    logs = {s: rows for s, rows in logs.items() if rows}
+    if not logs:
+        return None
+    fig, axes = plt.subplots(1, len(logs), figsize=(4.5 * len(logs), 3.4), squeeze=False)
+    for ax, (stage, rows) in zip(axes[0], logs.items()):
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and "step" in r]
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_metrics(metrics: dict, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("domain_ppl", "general_ppl", "pref_accuracy") if any(k in m for m in metrics.values())]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        models = [m for m in metrics if key in metrics[m]]
+        values = [metrics[m][key] for m in models]
+        bars = ax.bar(models, values, color=["#999"] + ["#3b7dd8"] * (len(models) - 1))
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(METRICS[key][0] + (" (lower is better)" if METRICS[key][1] else " (higher is better)"),
+                     fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def arena_section(run_dir: Path) -> tuple[str, list[list[str]]] | None:
+    """The arena leaderboard as (title, rows) when votes exist."""
+    db = run_dir / "arena.sqlite"
+    if not db.is_file():
+        return None
+    return None  # wired to serve.votes / serve.stats once the arena lands
+
+
+def model_card(pack, metrics: dict, run_dir: Path) -> str:
+    sources = []
+    for stage in TRAINING:
+        section = getattr(pack, stage)
+        if section.enabled:
+            for s in pack.sources(stage):
+                sources.append(f"- {stage}: `{s.label}` — licence {s.licence}"
+                               + (f" ({s.licence_name})" if s.licence_name else ""))
+    recipe = []
+    for stage in TRAINING:
+        info = read_stage(run_dir, stage)
+        if info and not info.get("disabled"):
+            sec = getattr(pack, stage)
+            extra = f", {sec.method}, beta {sec.beta}" if stage == "pref" else ""
+            recipe.append(f"- {stage}: {sec.tuning}, learning rate {sec.learning_rate}, "
+                          f"{sec.num_train_epochs} epoch(s){extra}")
+    merge = read_stage(run_dir, "merge")
+    if merge and not merge.get("disabled"):
+        recipe.append(f"- merge: mergekit `{pack.merge.config.get('merge_method')}` with the base model")
+    tuned = [m for m in metrics if m != "base"]
+    rows = metric_rows({k: metrics[k] for k in ["base"] + tuned[-1:] if k in metrics}) if metrics else []
+    table = md_table(["metric", *[m for m in ["base"] + tuned[-1:] if m in metrics]], rows) if rows else "(no eval)"
+    base_info = read_stage(run_dir, "base") or {}
+    return f"""---
+language: en
+library_name: transformers
+tags: [domain-adaptation, {pack.name}]
+---
+# {pack.name} model
+
+{pack.description}
+
+Base model: {(base_info.get('metrics') or {}).get('source', pack.base.model)}
+
+## Training data
+{chr(10).join(sources) or '- none'}
+
+## Recipe
+{chr(10).join(recipe) or '- none'}
+
+## Evaluation (held-out data of the pack)
+{table}
+
+## Intended use and limits
+{pack.intended_use or 'Domain assistance; answers can be wrong and should be checked.'}
+{pack.limitations}
+
+System prompt used in training and serving:
+
+> {pack.system_prompt}
+"""
+
+
+def run(ctx) -> dict:
+    run_dir, out, pack = ctx.run_dir, ctx.out, ctx.pack
+    eval_dir = run_dir / "eval"
+    metrics = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else {}
+    answers = read_log(eval_dir / "answers.jsonl")
+    judge = ((read_stage(run_dir, "eval") or {}).get("metrics") or {}).get("judge")
+
+    stage_header = ["stage", "status", "wall time (s)", "tokens", "tokens/s", "train loss", "eval loss"]
+    stages = stage_rows(run_dir)
+    metric_header = ["metric", *metrics]
+    mrows = metric_rows(metrics)
+    plots = [p for p in (plot_losses(run_dir, out / "loss_curves.png"), plot_metrics(metrics, out / "metrics.png")) if p]
+    tuned = [m for m in metrics if m != "base"][-1:] or []
+    samples = [[a["prompt"], a.get("base", ""), a.get(tuned[0], "") if tuned else ""] for a in answers[:6]]
+    sample_header = ["prompt", "base", tuned[0] if tuned else "tuned"]
+    arena = arena_section(run_dir)
+
+    md = [f"# Run report: {pack.name}", "", pack.description, "", "## Stages", md_table(stage_header, stages), ""]
+    md += ["## Metrics by model (change against base in brackets)", md_table(metric_header, mrows) if mrows
+           else "No eval results yet.", ""]
+    if judge:
+        md += ["## Automatic judge (tuned vs base, order swapped)", "```", json.dumps(judge, indent=2), "```", ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    if samples:
+        md += ["## Sample answers", md_table(sample_header, samples), ""]
+    if arena:
+        md += [f"## {arena[0]}", md_table(["", "value"], arena[1]), ""]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+
+    imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                   for p in plots)
+    parts = [f"<h1>Run report: {html.escape(pack.name)}</h1><p>{html.escape(pack.description)}</p>",
+             "<h2>Stages</h2>", html_table(stage_header, stages),
+             "<h2>Metrics by model</h2><p>Change against base in brackets; ↓ lower is better, ↑ higher is better.</p>",
+             html_table(metric_header, mrows) if mrows else "<p>No eval results yet.</p>"]
+    if judge:
+        parts.append(f"<h2>Automatic judge</h2><pre>{html.escape(json.dumps(judge, indent=2))}</pre>")
+    parts.append(f"<h2>Plots</h2>{imgs}")
+    if samples:
+        parts += ["<h2>Sample answers</h2>", html_table(sample_header, samples)]
+    if arena:
+        parts += [f"<h2>{arena[0]}</h2>", html_table(["", "value"], arena[1])]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "vertical-align:top;text-align:left}img{max-width:100%;display:block;margin:1em 0}")
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(pack.name)}"
+                                     f" report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>",
+                                     encoding="utf-8")
+
+    for name in ("report.md", "report.html"):
+        link = run_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("report") / name)
+
+    served = None
+    merge = read_stage(run_dir, "merge")
+    if merge and merge.get("model"):
+        served = (run_dir / "merge" / merge["model"]).resolve()
+        (served / "README.md").write_text(model_card(pack, metrics, run_dir), encoding="utf-8")
+    ctx.log(f"report: {run_dir / 'report.md'}")
+    ctx.log(f"report: {run_dir / 'report.html'}")
+    if served:
+        ctx.log(f"model card: {served / 'README.md'}")
+    return {"plots": [p.name for p in plots], "models": list(metrics), "model_card": str(served) if served else None}

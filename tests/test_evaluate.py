@@ -1,0 +1,168 @@
+"""Eval and report stages on tiny models: metrics match independent computations, caching, report files."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from conftest import build_tiny_model, make_pack
+from pipeline import evaluate, report, runner
+from pipeline.pack import load_pack
+
+
+def test_ranking_metrics_match_hand_computation():
+    # normalised: chosen -2, -3; rejected -3, -2 -> margins +1, -1
+    m = evaluate.ranking_metrics([(-10.0, 5), (-30.0, 10)], [(-12.0, 4), (-20.0, 10)])
+    assert m == {"pref_accuracy": 0.5, "pref_margin": 0.0}
+    m = evaluate.ranking_metrics([(-4.0, 2)], [(-9.0, 3)])  # -2 vs -3
+    assert m["pref_accuracy"] == 1.0 and m["pref_margin"] == pytest.approx(1.0)
+    # beta * ((pc - rc) - (pr - rr)) = 0.1 * ((-10 + 11) - (-12 + 11)) = 0.2
+    r = evaluate.implicit_reward_accuracy([(-10.0, -12.0), (-5.0, -5.0)], [(-11.0, -11.0), (-4.0, -6.0)], beta=0.1)
+    assert r["reward_accuracy"] == 0.5
+    assert r["reward_margin"] == pytest.approx((0.2 + 0.1 * ((-5 + 4) - (-5 + 6))) / 2)
+
+
+def test_perplexity_is_exp_of_mean_nll(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "Compound interest grows a deposit faster than simple interest over long periods."
+    scorer = evaluate.Scorer(tiny_model_dir)
+    nll, n = scorer.text_nll([text])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        mean_nll = model(input_ids=ids, labels=ids).loss.item()
+    assert n == ids.shape[1] - 1
+    assert evaluate.perplexity_from_nll(nll, n) == pytest.approx(math.exp(mean_nll), rel=1e-4)
+
+
+def test_assistant_mask_covers_assistant_turns_only(tiny_model_dir):
+    scorer = evaluate.Scorer(tiny_model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."}]
+    ids, mask = scorer.assistant_sequence(messages)
+    picked = scorer.tok.decode([i for i, m in zip(ids, mask) if m])
+    assert picked == "Hello!<|im_end|>\nGoodbye.<|im_end|>\n"
+
+
+PACK = """\
+    name: toy
+    system_prompt: You are a toy assistant.
+    cpt: {enabled: false}
+    eval:
+      text: [{path: data/eval/text.jsonl, licence: permissive}]
+      sft: [{path: data/eval/sft.jsonl, licence: permissive}]
+      pref: [{path: data/eval/pref.jsonl, licence: permissive}]
+      prompts: [{path: data/eval/prompts.jsonl, licence: permissive}]
+      max_new_tokens: 8
+"""
+FILES = {
+    "data/eval/text.jsonl": [{"text": "A bond pays a fixed coupon."}, {"text": "Equity is ownership."}],
+    "data/eval/sft.jsonl": [{"messages": [{"role": "user", "content": "What is a share?"},
+                                          {"role": "assistant", "content": "A unit of ownership."}]}],
+    "data/eval/pref.jsonl": [{"prompt": "2+2?", "chosen": "4", "rejected": "It is 5."},
+                             {"prompt": "Capital of Italy?", "chosen": "Rome", "rejected": "Milan"}],
+    "data/eval/prompts.jsonl": [{"prompt": "Define yield."}, {"prompt": "What is inflation?"}],
+}
+
+
+def publish_model(run_dir, stage, model_src, fingerprint):
+    (run_dir / stage).mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model_src, run_dir / stage / "model", dirs_exist_ok=True)
+    (run_dir / stage / "stage.json").write_text(json.dumps({"fingerprint": fingerprint, "model": "model",
+                                                            "wall_time_s": 1.5, "metrics": {"tokens": 100}}))
+
+
+def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys):
+    make_pack(workspace, "toy", PACK, FILES)
+    run_dir = workspace / "runs" / "toy"
+    publish_model(run_dir, "base", tiny_model_dir, "fp-base")
+    publish_model(run_dir, "merge", build_tiny_model(workspace / "m2", tokenizer_dir, seed=1), "fp-merge-1")
+    (run_dir / "sft").mkdir()
+    (run_dir / "sft" / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 10}) + "\n"
+                                                       for s in range(1, 6)) + json.dumps({"step": 5, "eval_loss": 2.9}) + "\n")
+    (run_dir / "sft" / "stage.json").write_text(json.dumps({"fingerprint": "fp-sft", "model": "../base/model",
+                                                            "disabled": True}))
+    pack = load_pack("toy")
+
+    runner.run_stage(pack, "eval", run_dir, module=evaluate)
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert list(metrics) == ["base", "merge"]  # the disabled sft stage is the base model: not scored twice
+    for key in ("domain_ppl", "general_ppl", "sft_loss", "pref_accuracy", "pref_margin"):
+        assert key in metrics["base"] and key in metrics["merge"]
+    assert "reward_accuracy" in metrics["merge"] and "reward_accuracy" not in metrics["base"]
+    assert metrics["base"]["domain_ppl"] > 1000  # a random model over a 49k vocabulary
+    answers = [json.loads(line) for line in (run_dir / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == ["Define yield.", "What is inflation?"]
+    assert set(answers[0]) == {"prompt", "base", "merge"}
+
+    # A new merge: base comes from the cache, only the merge model is scored again.
+    publish_model(run_dir, "merge", build_tiny_model(workspace / "m3", tokenizer_dir, seed=2), "fp-merge-2")
+    capsys.readouterr()
+    runner.run_stage(pack, "eval", run_dir, module=evaluate)
+    log = capsys.readouterr().out
+    assert "base: cached scores" in log and "merge: scoring" in log
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text())["base"] == metrics["base"]
+
+    runner.run_stage(pack, "report", run_dir, module=report)
+    md = (run_dir / "report.md").read_text()
+    assert "| stage | status | wall time (s) |" in md and "held-out domain perplexity ↓" in md
+    assert "| merge | built |" in md and "disabled (passes its input through)" in md
+    html_text = (run_dir / "report.html").read_text()
+    assert html_text.count("data:image/png;base64,") == 2
+    for png in ("loss_curves.png", "metrics.png"):
+        assert (run_dir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (run_dir / "merge" / "model" / "README.md").read_text()
+    assert "# toy model" in card and "held-out domain perplexity" in card
+
+
+class JudgeHandler(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge of the test's own: prefers the answer containing GOOD, or always 'A'."""
+
+    biased = False
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][-1]["content"]
+        a = text.split("[Answer A]")[1].split("[Answer B]")[0]
+        verdict = "A" if self.biased or "GOOD" in a else "B"
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": verdict}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_judge_swaps_order_and_counts_disagreement_as_tie(biased):
+    from openai import OpenAI
+
+    from pipeline.judge import judge_pair
+
+    handler = type("H", (JudgeHandler,), {"biased": biased})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="k")
+        tuned_wins = judge_pair(client, "judge", "q", "GOOD answer", "weak answer")
+        base_wins = judge_pair(client, "judge", "q", "weak answer", "GOOD answer")
+    finally:
+        server.shutdown()
+    if biased:  # always 'A': the two orders disagree -> tie
+        assert tuned_wins == ("tie", ["A", "A"]) and base_wins == ("tie", ["A", "A"])
+    else:
+        assert tuned_wins == ("tuned", ["A", "B"]) and base_wins == ("base", ["B", "A"])
