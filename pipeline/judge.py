@@ -44,11 +44,15 @@ def judge_pair(client, model: str, prompt: str, tuned: str, base: str) -> tuple[
 def judge_run(judge, prompts: list[str], tuned: list[str], base: list[str], out: Path, log) -> dict:
     from openai import OpenAI
 
+    from serve.stats import Battle, summarise
+
     key = os.environ.get(judge.api_key_env, "")
     if not key:
         raise PackError(f"eval.judge: set the environment variable {judge.api_key_env} to the judge's API key")
     client = OpenAI(base_url=judge.base_url, api_key=key, max_retries=1, timeout=120)
+
     counts = {"tuned": 0, "base": 0, "tie": 0}
+    battles = []
     with open(out, "w", encoding="utf-8") as f:
         for prompt, t, b in zip(prompts, tuned, base):
             try:
@@ -56,14 +60,11 @@ def judge_run(judge, prompts: list[str], tuned: list[str], base: list[str], out:
             except Exception as e:  # the endpoint is the user's: say which and why
                 raise PackError(f"eval.judge: {judge.base_url} (model {judge.model}) failed: {e}")
             counts[winner] += 1
+            battles.append(Battle("tuned", "base", {"tuned": "model_a", "base": "model_b"}.get(winner, "tie"),
+                                  len(t), len(b)))
             f.write(json.dumps({"prompt": prompt, "tuned": t, "base": b, "verdicts": verdicts,
                                 "winner": winner}, ensure_ascii=False) + "\n")
     log(f"judge: tuned {counts['tuned']}, base {counts['base']}, tie {counts['tie']}")
-    return {"counts": counts, **win_summary(counts["tuned"], counts["base"], counts["tie"])}
-
-
-def win_summary(wins: int, losses: int, ties: int) -> dict:
-    """Win rate (ties as half) with the arena's statistics."""
-    from serve import stats
-
-    return stats.summary_from_counts(wins, losses, ties)
+    stats = summarise(battles, "tuned", "base")
+    keep = ("win_rate", "wilson_95", "bootstrap_95", "sign_test_p", "lc_win_rate", "decisive_win_rate")
+    return {"counts": counts, **{k: stats[k] for k in keep}}

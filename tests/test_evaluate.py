@@ -148,21 +148,30 @@ class JudgeHandler(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("biased", [False, True])
-def test_judge_swaps_order_and_counts_disagreement_as_tie(biased):
+def test_judge_swaps_order_and_counts_disagreement_as_tie(biased, tmp_path, monkeypatch):
     from openai import OpenAI
 
-    from pipeline.judge import judge_pair
+    from pipeline.judge import judge_pair, judge_run
+    from pipeline.pack import Judge
 
     handler = type("H", (JudgeHandler,), {"biased": biased})
     server = HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="k")
+        client = OpenAI(base_url=url, api_key="k")
         tuned_wins = judge_pair(client, "judge", "q", "GOOD answer", "weak answer")
         base_wins = judge_pair(client, "judge", "q", "weak answer", "GOOD answer")
+        monkeypatch.setenv("JUDGE_API_KEY", "k")
+        summary = judge_run(Judge(base_url=url, model="judge"), ["q1", "q2", "q3", "q4"],
+                            ["GOOD 1", "GOOD 2", "GOOD 3", "meh"], ["meh", "meh", "meh", "GOOD 4"],
+                            tmp_path / "judge.jsonl", print)
     finally:
         server.shutdown()
     if biased:  # always 'A': the two orders disagree -> tie
         assert tuned_wins == ("tie", ["A", "A"]) and base_wins == ("tie", ["A", "A"])
+        assert summary["counts"] == {"tuned": 0, "base": 0, "tie": 4} and summary["win_rate"] == 0.5
     else:
         assert tuned_wins == ("tuned", ["A", "B"]) and base_wins == ("base", ["B", "A"])
+        assert summary["counts"] == {"tuned": 3, "base": 1, "tie": 0} and summary["win_rate"] == 0.75
+    assert len((tmp_path / "judge.jsonl").read_text().splitlines()) == 4
