@@ -207,6 +207,8 @@ class ServeStage(Strict):
     tensor_parallel_size: int = Field(1, gt=0)
     temperature: float = Field(0.7, ge=0)
     max_tokens: int = Field(512, gt=0)
+    crisis_guard: bool = Field(False, description="fixed crisis-line reply to self-harm risk (arena and API)")
+    crisis_locale: Literal["US", "EU", "UK", "IT"] = Field("US", description="which crisis lines come first")
 
 
 class BaseStage(Strict):

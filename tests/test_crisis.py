@@ -1,0 +1,64 @@
+"""The crisis guard fires on risk messages and stays quiet on ordinary ones, in text and over HTTP."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from serve.crisis import CrisisMiddleware, crisis_reply, crisis_text, shows_risk
+
+EXAMPLES = REPO / "domains" / "counseling" / "data" / "crisis_examples.jsonl"
+
+
+def examples():
+    return [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
+
+
+def test_guard_on_the_counseling_examples():
+    rows = examples()
+    assert sum(r["risk"] for r in rows) >= 20 and sum(not r["risk"] for r in rows) >= 20
+    missed = [r["text"] for r in rows if r["risk"] and not shows_risk(r["text"])]
+    false_alarms = [r["text"] for r in rows if not r["risk"] and shows_risk(r["text"])]
+    assert missed == [] and false_alarms == []
+
+
+def test_reply_uses_the_locale_and_the_latest_user_message():
+    assert "988" in crisis_text("US") and "112" in crisis_text("EU")
+    assert "116 123" in crisis_text("UK")
+    convo = [{"role": "user", "content": "I want to end my life"}, {"role": "assistant", "content": "..."},
+             {"role": "user", "content": "thanks, I feel safer now and will call my sister"}]
+    assert crisis_reply(convo) is None
+    assert "988" in crisis_reply(convo[:1], "US")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_middleware_answers_risky_chat_without_the_model_and_keeps_auth(monkeypatch, stream):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    calls = []
+
+    async def chat(request):  # stands in for vLLM's route: the guard must not reach it on risk
+        calls.append(await request.json())
+        return JSONResponse({"choices": [{"message": {"role": "assistant", "content": "model reply"}}]})
+
+    monkeypatch.setenv("API_KEY", "secret")
+    monkeypatch.setenv("CRISIS_LOCALE", "EU")
+    app = CrisisMiddleware(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]))
+    client = TestClient(app)
+    auth = {"Authorization": "Bearer secret"}
+    risky = {"model": "counseling", "stream": stream,
+             "messages": [{"role": "user", "content": "i dont want to be here anymore"}]}
+    r = client.post("/v1/chat/completions", json=risky, headers=auth)
+    assert r.status_code == 200 and r.headers["x-crisis-guard"] == "1" and calls == []
+    assert "112" in r.text
+    if stream:
+        assert r.text.rstrip().endswith("data: [DONE]")
+    ordinary = {"model": "counseling", "messages": [{"role": "user", "content": "This deadline is killing me"}]}
+    r = client.post("/v1/chat/completions", json=ordinary, headers=auth)
+    assert r.json()["choices"][0]["message"]["content"] == "model reply" and len(calls) == 1
+    r = client.post("/v1/chat/completions", json=risky)  # no key: passes through to the server's own auth
+    assert len(calls) == 2
