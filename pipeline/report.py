@@ -140,12 +140,29 @@ def plot_metrics(metrics: dict, out: Path) -> Path | None:
     return out
 
 
-def arena_section(run_dir: Path) -> tuple[str, list[list[str]]] | None:
-    """The arena leaderboard as (title, rows) when votes exist."""
+def arena_section(run_dir: Path, domain: str) -> list[list[str]] | None:
+    """The arena leaderboard (tuned vs base) as table rows when votes exist."""
     db = run_dir / "arena.sqlite"
     if not db.is_file():
         return None
-    return None  # wired to serve.votes / serve.stats once the arena lands
+    from serve.votes import Store
+
+    s = Store(db).summary(domain, f"{domain}-base")
+    if not s["n"]:
+        return None
+
+    def interval(pair):
+        return f"{pair[0]:.3f} – {pair[1]:.3f}"
+
+    return [
+        ["battles voted (tuned vs base)", str(s["n"])],
+        ["tuned wins / losses / ties", f"{s['wins']} / {s['losses']} / {s['ties']}"],
+        ["win rate (ties as half)", fmt(s["win_rate"])],
+        ["Wilson 95%", interval(s["wilson_95"])],
+        ["bootstrap 95%", interval(s["bootstrap_95"])],
+        ["sign test p (decisive votes)", fmt(s["sign_test_p"])],
+        ["length-controlled win rate", fmt(s["lc_win_rate"])],
+    ]
 
 
 def model_card(pack, metrics: dict, run_dir: Path) -> str:
@@ -216,7 +233,7 @@ def run(ctx) -> dict:
     tuned = [m for m in metrics if m != "base"][-1:] or []
     samples = [[a["prompt"], a.get("base", ""), a.get(tuned[0], "") if tuned else ""] for a in answers[:6]]
     sample_header = ["prompt", "base", tuned[0] if tuned else "tuned"]
-    arena = arena_section(run_dir)
+    arena = arena_section(run_dir, pack.name)
 
     md = [f"# Run report: {pack.name}", "", pack.description, "", "## Stages", md_table(stage_header, stages), ""]
     md += ["## Metrics by model (change against base in brackets)", md_table(metric_header, mrows) if mrows
@@ -227,7 +244,7 @@ def run(ctx) -> dict:
     if samples:
         md += ["## Sample answers", md_table(sample_header, samples), ""]
     if arena:
-        md += [f"## {arena[0]}", md_table(["", "value"], arena[1]), ""]
+        md += ["## Arena (blind human votes)", md_table(["", "value"], arena), ""]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
 
     imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
@@ -242,7 +259,7 @@ def run(ctx) -> dict:
     if samples:
         parts += ["<h2>Sample answers</h2>", html_table(sample_header, samples)]
     if arena:
-        parts += [f"<h2>{arena[0]}</h2>", html_table(["", "value"], arena[1])]
+        parts += ["<h2>Arena (blind human votes)</h2>", html_table(["", "value"], arena)]
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
              "vertical-align:top;text-align:left}img{max-width:100%;display:block;margin:1em 0}")

@@ -111,8 +111,20 @@ def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys
     assert "base: cached scores" in log and "merge: scoring" in log
     assert json.loads((run_dir / "eval" / "metrics.json").read_text())["base"] == metrics["base"]
 
+    from serve.votes import Store
+
+    store = Store(run_dir / "arena.sqlite")
+    for i, kind in enumerate(["model_a", "model_a", "model_b", "tie"]):
+        battle = store.new_battle("toy", "toy-base")
+        store.add_turn(battle, 0, f"question {i}")
+        store.add_generation(battle, 0, "a", "toy", "tuned answer")
+        store.add_generation(battle, 0, "b", "toy-base", "base answer")
+        store.vote(battle, kind, "rater")
+
     runner.run_stage(pack, "report", run_dir, module=report)
     md = (run_dir / "report.md").read_text()
+    assert "## Arena (blind human votes)" in md and "| tuned wins / losses / ties | 2 / 1 / 1 |" in md
+    assert "| win rate (ties as half) | 0.625 |" in md
     assert "| stage | status | wall time (s) |" in md and "held-out domain perplexity ↓" in md
     assert "| merge | built |" in md and "disabled (passes its input through)" in md
     html_text = (run_dir / "report.html").read_text()
