@@ -1,0 +1,305 @@
+"""The arena's vote store (SQLite, WAL) and its export to battles and preference pairs.
+
+Every write opens its own short connection and commits before returning, so a vote the UI confirms is
+on disk, and concurrent raters (Gradio handler threads, or several arena processes) never lose one:
+SQLite serialises the writers, WAL lets the leaderboard read meanwhile.
+
+    python -m serve.votes export --domain finance     # runs/finance/votes/{battles,pairs}.jsonl
+    python -m serve.votes summary --domain finance    # the leaderboard numbers as JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.pack import PackError, runs_dir, show_path
+
+SCHEMA_VERSION = 1
+WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS battles (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    model_a TEXT NOT NULL,          -- served model name shown on the left (A)
+    model_b TEXT NOT NULL,
+    system_prompt TEXT NOT NULL DEFAULT '',
+    sampling TEXT NOT NULL DEFAULT '{}',   -- JSON: identical settings sent to both sides
+    rater TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS turns (
+    battle_id TEXT NOT NULL REFERENCES battles(id),
+    idx INTEGER NOT NULL,
+    prompt TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (battle_id, idx)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    battle_id TEXT NOT NULL REFERENCES battles(id),
+    turn_idx INTEGER NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,   -- Regenerate adds attempt + 1; the latest one is the answer
+    side TEXT NOT NULL CHECK (side IN ('a', 'b')),
+    model TEXT NOT NULL,
+    text TEXT NOT NULL,
+    latency_s REAL,
+    first_token_s REAL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    finish_reason TEXT,
+    error TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS generations_turn ON generations (battle_id, turn_idx, side, attempt);
+CREATE TABLE IF NOT EXISTS votes (
+    battle_id TEXT PRIMARY KEY REFERENCES battles(id),   -- one vote per conversation
+    kind TEXT NOT NULL CHECK (kind IN ('model_a', 'model_b', 'tie', 'tie (bothbad)')),
+    rater TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class VoteError(Exception):
+    """A vote that cannot be stored (already voted, unknown battle, bad kind); shown to the rater."""
+
+
+def db_path(domain: str) -> Path:
+    return runs_dir() / domain / "arena.sqlite"
+
+
+class Store:
+    """Thin access to one arena database. Safe to share across threads: no connection is kept."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(SCHEMA)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if int(row[0]) > SCHEMA_VERSION:
+                raise PackError(f"{show_path(self.path)} has schema version {row[0]}, newer than this code "
+                                f"({SCHEMA_VERSION}); update the appliance (git pull) before using it")
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A fresh autocommit connection, closed on exit (the stdlib context manager does not close)."""
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            con.execute("PRAGMA busy_timeout=60000")
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")  # a confirmed vote survives a power cut
+            con.execute("PRAGMA foreign_keys=ON")
+            yield con
+        finally:
+            con.close()
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def new_battle(self, model_a: str, model_b: str, system_prompt: str = "", sampling: dict | None = None,
+                   rater: str = "") -> str:
+        battle_id = uuid.uuid4().hex
+        with self._connect() as con:
+            con.execute("INSERT INTO battles VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (battle_id, time.time(), model_a, model_b, system_prompt,
+                         json.dumps(sampling or {}, sort_keys=True), rater))
+        return battle_id
+
+    def add_turn(self, battle_id: str, idx: int, prompt: str) -> None:
+        with self._connect() as con:
+            con.execute("INSERT INTO turns VALUES (?, ?, ?, ?)", (battle_id, idx, prompt, time.time()))
+
+    def add_generation(self, battle_id: str, turn_idx: int, side: str, model: str, text: str, *, attempt: int = 0,
+                       latency_s: float | None = None, first_token_s: float | None = None,
+                       prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                       finish_reason: str | None = None, error: str | None = None) -> None:
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO generations (battle_id, turn_idx, attempt, side, model, text, latency_s, first_token_s,"
+                " prompt_tokens, completion_tokens, finish_reason, error, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (battle_id, turn_idx, attempt, side, model, text, latency_s, first_token_s, prompt_tokens,
+                 completion_tokens, finish_reason, error, time.time()))
+
+    def vote(self, battle_id: str, kind: str, rater: str) -> None:
+        """Store the vote (committed, fsynced) or raise VoteError; returns only once it is on disk."""
+        if kind not in WINNERS:
+            raise VoteError(f"unknown vote {kind!r}; one of {', '.join(WINNERS)}")
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                if con.execute("SELECT 1 FROM battles WHERE id = ?", (battle_id,)).fetchone() is None:
+                    raise VoteError(f"no battle {battle_id}")
+                con.execute("INSERT INTO votes VALUES (?, ?, ?, ?)", (battle_id, kind, rater, time.time()))
+                con.execute("UPDATE battles SET rater = ? WHERE id = ? AND rater = ''", (rater, battle_id))
+                con.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                con.execute("ROLLBACK")
+                raise VoteError("this conversation already has a vote; start a new round")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    # ------------------------------------------------------------------------------------- reads
+
+    def vote_of(self, battle_id: str) -> dict | None:
+        with self._connect() as con:
+            row = con.execute("SELECT kind, rater, created FROM votes WHERE battle_id = ?", (battle_id,)).fetchone()
+        return dict(zip(("kind", "rater", "created"), row)) if row else None
+
+    def count_votes(self) -> int:
+        with self._connect() as con:
+            return con.execute("SELECT COUNT(*) FROM votes").fetchone()[0]
+
+    def voted_battles(self) -> list[dict]:
+        """Every voted battle with both conversations (latest attempt of each turn), oldest first."""
+        with self._connect() as con:
+            con.row_factory = sqlite3.Row
+            battles = con.execute(
+                "SELECT b.*, v.kind AS winner, v.rater AS vote_rater, v.created AS vote_time"
+                " FROM battles b JOIN votes v ON v.battle_id = b.id ORDER BY v.created").fetchall()
+            turns = con.execute("SELECT battle_id, idx, prompt FROM turns ORDER BY battle_id, idx").fetchall()
+            gens = con.execute(
+                "SELECT g.* FROM generations g JOIN ("
+                "  SELECT battle_id, turn_idx, side, MAX(attempt) AS attempt FROM generations"
+                "  GROUP BY battle_id, turn_idx, side) last"
+                " USING (battle_id, turn_idx, side, attempt)").fetchall()
+        prompts: dict[str, list[str]] = {}
+        for t in turns:
+            prompts.setdefault(t["battle_id"], []).append(t["prompt"])
+        answers = {(g["battle_id"], g["turn_idx"], g["side"]): g for g in gens}
+        out = []
+        for b in battles:
+            turns_b = prompts.get(b["id"], [])
+            conv = {}
+            for side in ("a", "b"):
+                msgs = [{"role": "system", "content": b["system_prompt"]}] if b["system_prompt"] else []
+                for i, p in enumerate(turns_b):
+                    g = answers.get((b["id"], i, side))
+                    msgs += [{"role": "user", "content": p},
+                             {"role": "assistant", "content": g["text"] if g else ""}]
+                conv[side] = msgs
+            out.append({
+                "battle_id": b["id"], "model_a": b["model_a"], "model_b": b["model_b"],
+                "winner": b["winner"], "rater": b["vote_rater"], "tstamp": b["vote_time"],
+                "turns": len(turns_b), "prompt": turns_b[0] if turns_b else "",
+                "conversation_a": conv["a"], "conversation_b": conv["b"],
+                "sampling": json.loads(b["sampling"]),
+            })
+        return out
+
+    def stats_battles(self):
+        """The voted battles as serve.stats.Battle (answer length = characters of the assistant turns)."""
+        from serve.stats import Battle
+
+        def length(msgs):
+            return sum(len(m["content"]) for m in msgs if m["role"] == "assistant")
+
+        return [Battle(b["model_a"], b["model_b"], b["winner"], length(b["conversation_a"]),
+                       length(b["conversation_b"])) for b in self.voted_battles()]
+
+    def summary(self, tuned: str, base: str) -> dict:
+        from serve.stats import summarise
+
+        return summarise(self.stats_battles(), tuned, base)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def preference_pair(battle: dict) -> dict | None:
+    """prompt/chosen/rejected from a decisive battle; None for ties.
+
+    A single-turn battle gives strings. A multi-turn one gives message lists: the prompt is the system
+    prompt and first user turn, chosen/rejected the rest of each side's conversation (the later user
+    turns are the same on both sides, the answers differ).
+    """
+    if battle["winner"] not in ("model_a", "model_b"):
+        return None
+    win, lose = ("a", "b") if battle["winner"] == "model_a" else ("b", "a")
+    cw, cl = battle[f"conversation_{win}"], battle[f"conversation_{lose}"]
+    head = 2 if cw and cw[0]["role"] == "system" else 1
+    meta = {"battle_id": battle["battle_id"], "chosen_model": battle[f"model_{win}"],
+            "rejected_model": battle[f"model_{lose}"], "rater": battle["rater"]}
+    if battle["turns"] == 1:
+        return {"prompt": cw[head - 1]["content"], "chosen": cw[head]["content"], "rejected": cl[head]["content"],
+                **meta}
+    return {"prompt": cw[:head], "chosen": cw[head:], "rejected": cl[head:], **meta}
+
+
+def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, int]:
+    """Write battles.jsonl and pairs.jsonl; return (battles file, pairs file, battles, pairs)."""
+    path = db_path(domain)
+    if not path.is_file():
+        raise PackError(f"no votes yet for domain '{domain}': {show_path(path)} does not exist. "
+                        f"Start the arena (make domain={domain} serve) and vote first.")
+    store = Store(path)
+    out_dir = Path(out_dir or runs_dir() / domain / "votes")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    battles = store.voted_battles()
+    pairs = [p for p in map(preference_pair, battles) if p is not None]
+    # Write then rename, so a pack that lists pairs.jsonl never reads a half-written file.
+    files = []
+    for name, rows in (("battles.jsonl", battles), ("pairs.jsonl", pairs)):
+        tmp = out_dir / f".{name}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_dir / name)
+        files.append(out_dir / name)
+    return files[0], files[1], len(battles), len(pairs)
+
+
+def yaml_snippet(domain: str, pairs_file: Path) -> str:
+    """The pref.datasets entry that makes the next run train on the exported pairs."""
+    from pipeline.pack import domains_dir
+
+    rel = os.path.relpath(Path(pairs_file).resolve(), (domains_dir() / domain).resolve())
+    return ("pref:\n  datasets:\n"
+            f"    - {{path: {rel}, licence: permissive, licence_name: arena votes of this deployment}}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serve.votes", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write runs/<domain>/votes/battles.jsonl and pairs.jsonl")
+    ex.add_argument("--domain", required=True)
+    ex.add_argument("--out", type=Path, help="output folder (default runs/<domain>/votes)")
+    sm = sub.add_parser("summary", help="print the leaderboard numbers as JSON")
+    sm.add_argument("--domain", required=True)
+    sm.add_argument("--tuned-model", help="served name of the tuned model (default: the domain)")
+    sm.add_argument("--base-model", help="served name of the base model (default: <domain>-base)")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "export":
+            battles_file, pairs_file, nb, np_ = export(args.domain, args.out)
+            print(f"{nb} voted battles -> {show_path(battles_file)}")
+            print(f"{np_} preference pairs (decisive votes) -> {show_path(pairs_file)}")
+            print(f"\nTo train on them, add this source to domains/{args.domain}/pack.yaml "
+                  "(next to the existing pref datasets):\n")
+            print(yaml_snippet(args.domain, pairs_file))
+        else:
+            path = db_path(args.domain)
+            if not path.is_file():
+                raise PackError(f"no votes yet: {show_path(path)} does not exist")
+            s = Store(path).summary(args.tuned_model or args.domain, args.base_model or f"{args.domain}-base")
+            print(json.dumps(s, indent=2, default=str))
+    except PackError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
