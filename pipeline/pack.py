@@ -202,7 +202,8 @@ class ServeStage(Strict):
     arena_port: int = Field(7860, gt=0, lt=65536)
     max_model_len: int = Field(2048, gt=0)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE per server on CPU")
+    kv_cache_gib: int = Field(1, gt=0, description="KV cache GiB per server on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
+    ready_timeout_s: int = Field(600, gt=0, description="a server not listing its model by then is stopped")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=0.95, description="per server on CUDA")
     tensor_parallel_size: int = Field(1, gt=0)
     temperature: float = Field(0.7, ge=0)

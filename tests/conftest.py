@@ -77,3 +77,41 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), tokenizer_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, tokenizer_dir):
+    """One real vLLM OpenAI server (CPU build) on a tiny model, for the whole session (it costs ~30-60 s).
+
+    It serves the same random model under two names, a tuned and a base alias, on a free port with an API
+    key. Yields a namespace: base_url (".../v1"), api_key, api_key_file, tuned_model, base_model,
+    model_dir, log. Started by serve.launch, the launcher `make serve` uses.
+    """
+    from types import SimpleNamespace
+
+    from pipeline.pack import ServeStage
+    from serve.launch import start_vllm, stop, wait_ready
+
+    root = tmp_path_factory.mktemp("vllm")
+    # head_dim 64 (4 heads of 64): vLLM's CPU attention kernels do not take the 16 of hidden=64.
+    model = build_tiny_model(root / "model", tokenizer_dir, hidden=256)
+    key_file = root / "api_key"
+    key_file.write_text("sk-test-key\n")
+    key_file.chmod(0o600)
+    cfg = ServeStage(max_model_len=512, kv_cache_gib=1, dtype="bfloat16")
+    child = start_vllm("tuned", model, ["tiny-tuned", "tiny-base"], "127.0.0.1", free_port(), "sk-test-key",
+                       cfg, root / "vllm.log", cuda=False)
+    try:
+        wait_ready([child], "sk-test-key", timeout=300, say=lambda m: None)
+        yield SimpleNamespace(base_url=child.url, api_key="sk-test-key", api_key_file=key_file,
+                              tuned_model="tiny-tuned", base_model="tiny-base", model_dir=model, log=child.log)
+    finally:
+        stop([child])
