@@ -11,9 +11,10 @@ OFFLINE ?= 1
 PY      := .venv/bin/python
 
 # Command-line assignments that are pack overrides (everything except make's own variables).
-MAKE_VARS := domain=% FORCE=% DETACH=% GPU=% HOST=% API_KEY=% OFFLINE=% PYTHON=% PYTEST_ARGS=%
+MAKE_VARS := domain=% FORCE=% DETACH=% GPU=% HOST=% API_KEY=% PORT=% BASE_PORT=% ARENA_PORT=% OFFLINE=% PYTHON=% PYTEST_ARGS=%
 OVERRIDES := $(filter-out $(MAKE_VARS),$(MAKEOVERRIDES))
 FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
+DETACH_FLAG := $(if $(filter 1 yes true,$(DETACH)),--detach,)
 
 export HF_HUB_OFFLINE=$(OFFLINE)
 export HF_DATASETS_OFFLINE=$(OFFLINE)
@@ -26,11 +27,11 @@ export TOKENIZERS_PARALLELISM=false
 
 STAMP := .venv/.stamp-$(shell sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)
 
-.PHONY: help setup validate show keys base cpt sft pref merge eval report all test clean
+.PHONY: help setup validate show keys base cpt sft pref merge eval report all serve stop test clean
 
 help:
 	@sed -n '2,7p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup validate show keys base cpt sft pref merge eval report all test clean"
+	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop test clean"
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -50,8 +51,18 @@ keys: setup
 base cpt sft pref merge eval report: setup
 	@$(PY) -m pipeline run $@ --domain $(domain) $(FORCE_FLAG) $(OVERRIDES)
 
+# all = build every stage, then serve (foreground; DETACH=1 returns once everything answers).
 all: setup
 	@$(PY) -m pipeline run all --domain $(domain) $(FORCE_FLAG) $(OVERRIDES)
+	@$(PY) -m serve serve --domain $(domain) $(DETACH_FLAG) $(OVERRIDES)
+
+# The merged model as `<domain>` (:8000), the base model as `<domain>-base` (:8001), the arena (:7860).
+# HOST, PORT, BASE_PORT, ARENA_PORT and API_KEY change the defaults; Ctrl-C stops every child.
+serve: setup
+	@$(PY) -m serve serve --domain $(domain) $(DETACH_FLAG) $(OVERRIDES)
+
+stop: setup
+	@$(PY) -m serve stop --domain $(domain)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

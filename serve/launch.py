@@ -227,9 +227,8 @@ def stop_pid(pid: int, grace: float = 20) -> None:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
-        try:  # reap it if it is our child, or it stays a zombie and "alive"
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                pass
+        try:  # reap it when it is our child: a zombie leader keeps the group "alive"
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
         time.sleep(0.2)
@@ -247,3 +246,168 @@ def stop(children: list[Child]) -> None:
             child.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+
+
+# ------------------------------------------------------------------------------------- one domain
+
+
+def state_path(serve_dir: Path) -> Path:
+    return serve_dir / "state.json"
+
+
+def _alive_children(serve_dir: Path) -> list[dict]:
+    """Processes a previous serve of this run started and that are still ours (pid reuse is checked)."""
+    path = state_path(serve_dir)
+    if not path.is_file():
+        return []
+    alive = []
+    for entry in json.loads(path.read_text()).get("children", []):
+        try:
+            cmdline = Path(f"/proc/{entry['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if entry["marker"] in cmdline:
+            alive.append(entry)
+    return alive
+
+
+def _write_state(serve_dir: Path, children: list[Child], detached: bool) -> None:
+    entries = [{"role": c.role, "pid": c.proc.pid, "url": c.url, "log": str(c.log), "models": c.models,
+                "marker": VLLM_MODULE if c.role != "arena" else "serve.arena"} for c in children]
+    state_path(serve_dir).write_text(json.dumps({"children": entries, "detached": detached,
+                                                 "launcher_pid": os.getpid()}, indent=2) + "\n")
+
+
+def stop_domain(run_dir: Path, say=print) -> int:
+    """Stop what a serve of this run started; the number of processes stopped."""
+    serve_dir = run_dir / "serve"
+    alive = _alive_children(serve_dir)
+    for entry in alive:
+        say(f"[serve] stopping {entry['role']} (pid {entry['pid']}, {entry['url']})")
+        stop_pid(entry["pid"])
+    state_path(serve_dir).unlink(missing_ok=True)
+    if not alive:
+        say(f"[serve] nothing is running for '{run_dir.name}'")
+    return len(alive)
+
+
+def arena_available() -> bool:
+    return (REPO / "serve" / "arena.py").is_file()
+
+
+def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = False, say=print) -> int:
+    """Check, start and wait for both servers and the arena; then return (detach) or watch them until a
+    signal or a crash, stopping every child on the way out."""
+    from pipeline.runner import model_dir
+    from serve.parity import check_run
+
+    serve_dir = run_dir / "serve"
+    running = _alive_children(serve_dir)
+    if running:
+        pids = ", ".join(f"{e['role']} pid {e['pid']}" for e in running)
+        raise PackError(f"'{pack.name}' is already being served ({pids}); stop it with "
+                        f"`make domain={pack.name} stop` first")
+    tuned_dir = model_dir(run_dir, "merge")  # PackError telling to run `make domain=x merge` when absent
+    base_dir = model_dir(run_dir, "base")
+    summary = check_run(pack, run_dir, tuned_dir)
+    say(f"[serve] chat-template parity ok ({summary['conversations']} conversations, end of turn "
+        f"{summary['end_of_turn']!r} in EOS ids {summary['eos_ids']})")
+
+    ends = endpoints(pack)
+    host, cfg, cuda = ends["host"], pack.serve, on_cuda()
+    wanted = [("tuned", "the tuned model's server"), ("base", "the base model's server")]
+    if arena_available():
+        wanted.append(("arena", "the arena"))
+    ports = [ends[role][0] for role, _ in wanted]
+    if len(set(ports)) != len(ports):
+        raise PackError(f"serve ports must differ, got {dict((r, ends[r][0]) for r, _ in wanted)}; "
+                        "set PORT / BASE_PORT / ARENA_PORT or serve.port / serve.base_port / serve.arena_port")
+    for role, what in wanted:
+        check_port_free(host, ends[role][0], what, ends[role][1])
+    if cuda and 2 * cfg.gpu_memory_utilization > 0.95:
+        raise PackError(f"serve.gpu_memory_utilization={cfg.gpu_memory_utilization} is per server and two "
+                        "servers share the GPU: use at most 0.47")
+
+    key = api_key(serve_dir)
+    tie = not detach
+    names = {"tuned": [pack.name], "base": [f"{pack.name}-base"]}
+    say(f"[serve] starting vLLM ({'CUDA' if cuda else 'CPU'}) for {show_path(tuned_dir)} and "
+        f"{show_path(base_dir)}; logs in {show_path(serve_dir)}")
+    children = [
+        start_vllm("tuned", tuned_dir, names["tuned"], host, ends["tuned"][0], key, cfg,
+                   serve_dir / "tuned.log", cuda, tie),
+        start_vllm("base", base_dir, names["base"], host, ends["base"][0], key, cfg,
+                   serve_dir / "base.log", cuda, tie),
+    ]
+    _write_state(serve_dir, children, detach)
+    try:
+        wait_ready(children, key, cfg.ready_timeout_s, say)
+        if arena_available():
+            t, b = children
+            cmd = [sys.executable, "-m", "serve.arena", "--domain", pack.name, "--tuned-url", t.url,
+                   "--base-url", b.url, "--tuned-model", names["tuned"][0], "--base-model", names["base"][0],
+                   "--api-key-file", str(serve_dir / "api_key"), "--host", host,
+                   "--port", str(ends["arena"][0]), *overrides]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                                              if p))
+            env.pop("API_KEY", None)  # the arena reads the key file
+            children.append(spawn("arena", cmd, env, serve_dir / "arena.log",
+                                  f"http://{_url_host(host)}:{ends['arena'][0]}/", [], tie))
+            _write_state(serve_dir, children, detach)
+            wait_ready(children[2:], key, cfg.ready_timeout_s, say)
+    except BaseException:
+        stop(children)
+        state_path(serve_dir).unlink(missing_ok=True)
+        raise
+
+    _announce(pack, children, key, serve_dir, detach, say)
+    if detach:
+        return 0
+    return _watch(children, serve_dir, say)
+
+
+def _announce(pack: Pack, children: list[Child], key: str, serve_dir: Path, detach: bool, say) -> None:
+    lines = [f"serving '{pack.name}':"]
+    for c in children:
+        what = f"model {c.models[0]}" if c.models else "Gradio arena"
+        lines.append(f"  {c.role:6} {c.url:32} {what}")
+    if not arena_available():
+        lines.append("  arena  not available yet (serve/arena.py does not exist in this checkout)")
+    lines.append(f"  API key {key}   (stored in {show_path(serve_dir / 'api_key')}, mode 0600)")
+    t = children[0]
+    lines.append(f"  try: curl -H 'Authorization: Bearer {key}' {t.url}/models")
+    lines.append(f"       python -c \"import openai; c = openai.OpenAI(base_url='{t.url}', api_key='{key}'); "
+                 f"print(c.chat.completions.create(model='{t.models[0]}', messages=[{{'role': 'user', "
+                 f"'content': 'Hello'}}]).choices[0].message.content)\"")
+    lines.append(f"  stop: make domain={pack.name} stop" if detach else "  Ctrl-C stops everything")
+    say("\n".join(lines))
+
+
+def _watch(children: list[Child], serve_dir: Path, say) -> int:
+    """Foreground: wait for Ctrl-C / SIGTERM / SIGHUP or a child's death, then stop every child."""
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    code = 0
+    try:
+        while not stopping:
+            dead = [c for c in children if c.proc.poll() is not None]
+            if dead:
+                c = dead[0]
+                say(f"[serve] the {c.role} process exited with code {c.proc.returncode}; stopping the rest. "
+                    f"The end of {show_path(c.log)}:\n{log_tail(c.log)}")
+                code = 1
+                break
+            time.sleep(0.5)
+        if stopping:
+            say(f"[serve] {stopping[0]}: stopping every child")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        stop(children)
+        state_path(serve_dir).unlink(missing_ok=True)
+        say("[serve] stopped")
+    return code

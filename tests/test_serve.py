@@ -35,3 +35,146 @@ def test_openai_client_lists_chats_streams_and_needs_the_key(vllm_server):
     assert e.value.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         anonymous.chat.completions.create(model=vllm_server.tuned_model, messages=messages, max_tokens=4)
+
+
+# ------------------------------------------------------------------------------ a run to serve
+
+
+def make_run(root, tiny_model_dir, domain="finance"):
+    """runs/<domain> with a base stage and a merge stage that passes the base through (as a disabled stage)."""
+    import json
+    import shutil
+
+    run = root / "runs" / domain
+    shutil.copytree(tiny_model_dir, run / "base" / "model")
+    (run / "base" / "stage.json").write_text(json.dumps({"stage": "base", "model": "model"}))
+    (run / "merge").mkdir(parents=True)
+    (run / "merge" / "stage.json").write_text(json.dumps({"stage": "merge", "model": "../base/model"}))
+    return run
+
+
+PACK = """\
+name: finance
+system_prompt: You are a careful financial education assistant.
+"""
+
+
+# ---------------------------------------------------------------------------------------- parity
+
+
+def test_parity_passes_when_the_served_folder_matches_training(tiny_model_dir):
+    from serve.parity import check, sample_conversations
+
+    summary = check(tiny_model_dir, tiny_model_dir, sample_conversations("Be careful."))
+    assert summary["end_of_turn"] == "<|im_end|>" and 2 in summary["eos_ids"]
+
+
+def test_parity_catches_a_changed_template_and_a_missing_stop_token(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from pipeline.pack import PackError
+    from serve.parity import check, sample_conversations
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_model_dir, served)
+    # A template that looks alike but drops the newline after the role: different token ids.
+    (served / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}")
+    with pytest.raises(PackError) as e:
+        check(served, tiny_model_dir, sample_conversations("Be careful."), "finance")
+    text = e.value.render()
+    assert "parity check failed" in text and "differs" in text and "make domain=finance merge" in text
+
+    # The right template, but a generation config that does not stop at <|im_end|>.
+    shutil.copy(tiny_model_dir / "chat_template.jinja", served / "chat_template.jinja")
+    config = json.loads((served / "generation_config.json").read_text())
+    (served / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [0]}))
+    with pytest.raises(PackError) as e:
+        check(served, tiny_model_dir, sample_conversations("Be careful."))
+    assert "'<|im_end|>'" in e.value.render() and "eos_token_id is [0]" in e.value.render()
+
+
+def test_serve_stops_on_a_parity_mismatch(workspace, tiny_model_dir):
+    from pipeline.pack import PackError, load_pack
+    from serve.launch import serve
+
+    from conftest import make_pack
+
+    make_pack(workspace, "finance", PACK)
+    run = make_run(workspace, tiny_model_dir)
+    (run / "base" / "model" / "generation_config.json").write_text('{"eos_token_id": 0}')
+    with pytest.raises(PackError, match="parity"):
+        serve(load_pack("finance"), run, say=lambda m: None)
+    assert not (run / "serve" / "state.json").exists()
+
+
+# -------------------------------------------------------------------------------------- launcher
+
+
+def test_missing_merge_error_text(workspace, tiny_model_dir, capsys):
+    from serve.__main__ import main
+
+    from conftest import make_pack
+
+    make_pack(workspace, "finance", PACK)
+    import shutil
+
+    make_run(workspace, tiny_model_dir)
+    shutil.rmtree(workspace / "runs" / "finance" / "merge")
+    assert main(["serve", "--domain", "finance"]) == 2
+    err = capsys.readouterr().err
+    assert "make domain=finance merge" in err and "Traceback" not in err
+
+
+def test_taken_port_names_the_port_and_the_variable(workspace, tiny_model_dir, monkeypatch, capsys):
+    import socket
+
+    from serve.__main__ import main
+
+    from conftest import free_port, make_pack
+
+    make_pack(workspace, "finance", PACK)
+    make_run(workspace, tiny_model_dir)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("PORT", str(free_port()))
+        monkeypatch.setenv("BASE_PORT", str(port))
+        monkeypatch.setenv("ARENA_PORT", str(free_port()))
+        assert main(["serve", "--domain", "finance"]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port}" in err and "BASE_PORT=" in err and "serve.base_port=" in err
+    assert not (workspace / "runs" / "finance" / "serve" / "state.json").exists()
+
+
+def test_api_key_is_generated_once_kept_private_and_api_key_wins(tmp_path, monkeypatch):
+    from serve.launch import api_key
+
+    monkeypatch.delenv("API_KEY", raising=False)
+    first = api_key(tmp_path / "serve")
+    path = tmp_path / "serve" / "api_key"
+    assert len(first) > 20 and path.read_text().strip() == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert api_key(tmp_path / "serve") == first  # the same key across restarts of the same run
+    monkeypatch.setenv("API_KEY", "sk-mine")
+    assert api_key(tmp_path / "serve") == "sk-mine" and path.read_text().strip() == "sk-mine"
+
+
+def test_vllm_command_per_machine():
+    from pathlib import Path
+
+    from pipeline.pack import ServeStage
+    from serve.launch import vllm_command, vllm_env
+
+    cfg = ServeStage(max_model_len=1024, kv_cache_gib=3, gpu_memory_utilization=0.45, tensor_parallel_size=2)
+    cpu = vllm_command("py", Path("/m"), ["finance"], "127.0.0.1", 8000, cfg, cuda=False)
+    assert cpu[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in cpu
+    assert cpu[cpu.index("--served-model-name") + 1] == "finance" and "--api-key" not in cpu
+    assert vllm_env("k", cfg, cuda=False)["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    gpu = vllm_command("py", Path("/m"), ["finance"], "127.0.0.1", 8000, cfg, cuda=True)
+    assert "--enforce-eager" not in gpu and gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.45"
+    assert gpu[gpu.index("--tensor-parallel-size") + 1] == "2"
+    assert vllm_env("k", cfg, cuda=True)["VLLM_API_KEY"] == "k"

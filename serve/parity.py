@@ -1,0 +1,177 @@
+"""Chat-template parity: what vLLM will feed the served model must be what the SFT stage trained it on.
+
+    python -m serve.parity --domain finance          # the check `serve` runs before starting vLLM
+
+Sample conversations (the pack's system prompt, one and several turns, and a few rows of the pack's SFT
+data) are rendered twice: by the training side (the SFT formatter with the tokenizer it trains with) and
+the way vLLM's chat endpoint does it (the served folder's chat template, then tokenised without adding
+special tokens). The token ids must agree for the whole conversation, and the prompt vLLM sends before the
+answer must be exactly the prefix training put before it. Then the token that ends an assistant turn in
+the served template must be one of the generation config's EOS ids, or generation runs past the answer.
+Any difference raises PackError naming the conversation, the first differing token and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.pack import PackError, show_path
+
+SENTINEL = "PARITY_SENTINEL_7f3"
+
+
+def sample_conversations(system_prompt: str, extra: list[list[dict]] = ()) -> list[list[dict]]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    convs = [
+        system + [{"role": "user", "content": "What is compound interest?"},
+                  {"role": "assistant", "content": "Interest earned on interest: 100 at 5% for 2 years is 110.25."}],
+        [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}],
+        system + [{"role": "user", "content": "Define a bond."},
+                  {"role": "assistant", "content": "A loan to an issuer that pays interest."},
+                  {"role": "user", "content": "And its yield?"},
+                  {"role": "assistant", "content": "The return implied by its price,\nper year."}],
+    ]
+    return convs + [list(c) for c in extra]
+
+
+def _ids(out) -> list[int]:
+    """apply_chat_template(tokenize=True) returns a list or a BatchEncoding depending on the version."""
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def served_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """As vLLM's /v1/chat/completions: render the template to text, tokenise with add_special_tokens=False."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def training_renderer(train_tokenizer):
+    """messages -> token ids as the SFT stage builds its training examples.
+
+    Uses pipeline.sft's formatter when that module provides one (`format_ids(tokenizer, messages)`),
+    otherwise the training tokenizer's own chat template, which is what TRL's SFTTrainer applies to
+    `messages` rows.
+    """
+    try:
+        from pipeline import sft
+    except ImportError:
+        sft = None
+    if sft is not None and hasattr(sft, "format_ids"):
+        return lambda messages: list(sft.format_ids(train_tokenizer, messages))
+    return lambda messages: _ids(train_tokenizer.apply_chat_template(messages, tokenize=True))
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The first token the served template emits after an assistant message's content."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}], tokenize=False)
+    if SENTINEL not in text:
+        raise PackError("the served chat template drops the assistant's message; it cannot be used to chat")
+    after = text.split(SENTINEL, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise PackError("the served chat template ends an assistant turn with nothing; the model could not stop")
+    return ids[0]
+
+
+def generation_eos_ids(model_dir: Path, tokenizer) -> list[int]:
+    path = model_dir / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    if eos is None:
+        eos = tokenizer.eos_token_id  # what vLLM falls back to without a generation config
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def _snippet(tokenizer, ids: list[int], at: int) -> str:
+    return repr(tokenizer.decode(ids[max(0, at - 6): at + 6]))
+
+
+def check(served_dir: Path, train_tokenizer_dir: Path, conversations: list[list[dict]],
+          domain: str = "<domain>") -> dict:
+    """Raise PackError listing every mismatch; return a summary when the served folder is in parity."""
+    from transformers import AutoTokenizer
+
+    served = AutoTokenizer.from_pretrained(served_dir)
+    train = AutoTokenizer.from_pretrained(train_tokenizer_dir)
+    render = training_renderer(train)
+    if not served.chat_template:
+        raise PackError(f"{show_path(served_dir)} has no chat template; vLLM could not serve chat completions")
+    problems = []
+    for n, conv in enumerate(conversations, 1):
+        want = render(conv)
+        got = served_ids(served, conv, add_generation_prompt=False)
+        if want != got:
+            i = _first_difference(want, got)
+            problems.append(f"conversation {n}: token {i} differs: training has {_snippet(train, want, i)}, "
+                            f"the served template gives {_snippet(served, got, i)}")
+            continue
+        last_user = max(i for i, m in enumerate(conv) if m["role"] != "assistant")
+        prompt = served_ids(served, conv[: last_user + 1], add_generation_prompt=True)
+        if want[: len(prompt)] != prompt:
+            i = _first_difference(want, prompt)
+            problems.append(f"conversation {n}: the prompt vLLM sends (generation prompt included) is not what "
+                            f"training put before the answer: at token {i} training has "
+                            f"{_snippet(train, want, i)}, the server sends {_snippet(served, prompt, i)}")
+    eot = end_of_turn_id(served)
+    eos = generation_eos_ids(served_dir, served)
+    if eot not in eos:
+        problems.append(f"the served template ends an assistant turn with {served.convert_ids_to_tokens(eot)!r} "
+                        f"(id {eot}) but generation_config.json's eos_token_id is {eos}: generation would run "
+                        "past the end of the answer")
+    if problems:
+        raise PackError(problems + [f"fix: the served folder {show_path(served_dir)} must carry the chat template "
+                                    "and generation config training used; rebuild it with "
+                                    f"`make domain={domain} merge FORCE=1`"],
+                        f"chat-template parity check failed for {show_path(served_dir)}")
+    return {"conversations": len(conversations), "end_of_turn": served.convert_ids_to_tokens(eot), "eos_ids": eos}
+
+
+def check_run(pack, run_dir: Path, served_dir: Path) -> dict:
+    """The check for a domain: samples from the pack, the training tokenizer from the run."""
+    from pipeline.runner import model_dir
+
+    extra = []
+    try:
+        from pipeline.data import load_rows
+
+        rows = load_rows(pack, pack.sources("sft"), "chat", "sft")
+        extra = [r["messages"] for r in rows[:3] if r.get("messages") and r["messages"][-1]["role"] == "assistant"]
+    except Exception:  # the data is the training stages' to validate; the built-in samples still run
+        extra = []
+    # The SFT stage trains with its input model's tokenizer, which the base stage wrote and later stages copy.
+    train_dir = model_dir(run_dir, "base")
+    return check(served_dir, train_dir, sample_conversations(pack.system_prompt, extra), pack.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.pack import load_pack, runs_dir
+    from pipeline.runner import model_dir
+
+    ap = argparse.ArgumentParser(prog="python -m serve.parity", description=__doc__.split("\n")[0])
+    ap.add_argument("--domain", required=True)
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = ap.parse_args(argv)
+    try:
+        pack = load_pack(args.domain, args.overrides)
+        run_dir = runs_dir() / pack.name
+        summary = check_run(pack, run_dir, model_dir(run_dir, "merge"))
+    except PackError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    print(f"parity ok: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
