@@ -28,23 +28,45 @@ CRISIS_LINES = {
 }
 
 _RISK = [
-    r"\b(kill|killing|hurt|hurting|harm|harming|cut|cutting)\s+(my\s*self|myself|meself)\b",
+    # direct statements (typos such as "kil myself" included)
+    r"\b(kill|kil|kll|killing|hurt|hurting|harm|harming)\s*(my\s*self|myself|meself)\b(?!\s+laughing)",
+    r"\b(cut|cutting)\s+(my\s*self|myself)\b(?!\s+(shaving|while|on|by|accidentally|cooking|with\s+a\s+kitchen))",
     r"\bsuicid(e|al)\b",
-    r"\b(end|ending|take|taking)\s+(my|my own)\s+life\b",
-    r"\bend\s+it\s+all\b",
-    r"\b(want|wanna|going|plan|planning)\s+to\s+die\b",
+    r"\bself[-\s]?harm",
+    r"\b(end|ending|take|taking)\s+(my|my\s+own)\s+life\b",
+    r"\bend\s+it\b.{0,20}\b(all|tonight|today|now|soon|for\s+good)\b",
+    r"\b(want|wanna|plan|planning|ready)\s+to\s+(die|end\s+it)\b",
+    r"\bwanna\s+die\b",
     r"\bwish\s+i\s+(was|were)\s+dead\b",
     r"\b(better\s+off|be\s+better)\s+(dead|without\s+me)\b",
     r"\b(don'?t|do\s+not|no\s+longer)\s+want\s+to\s+(be\s+here|live|be\s+alive|exist|wake\s+up)\b",
-    r"\bno\s+(reason|point)\s+(to|in)\s+(live|living|go(ing)?\s+on)\b",
+    r"\b(and|to)\s+(never|not)\s+wake\s+up\b",
+    # hopelessness about living
+    r"\b(no|what'?s\s+the)\s+(reason|point)\s+(to|in|of)\s+(live|living|life|go(ing)?\s+on|being\s+alive)\b",
     r"\b(can'?t|cannot)\s+go\s+on\s+(anymore|any\s+more|living)\b",
-    r"\b(overdose|od)\s+on\b",
-    r"\b(pills|rope|noose|gun|bridge)\b.{0,40}\b(end|die|kill|tonight|goodbye)\b",
+    r"\bno\s+way\s+out\b.{0,40}\b(dying|death|die|end)\b",
+    r"\bexcept\s+(dying|death|to\s+die)\b",
+    r"\b(no\s*one|nobody)\s+(will|would)\s+(miss|notice)\s+me\b",
+    r"\b(disappear|dissapear|disapear|vanish)\b.{0,15}\b(for\s+good|forever)\b",
+    r"\b(pain|it|everything)\s+to\s+stop\b.{0,15}\b(forever|for\s+good|permanently)\b",
+    # plans, means and preparations
+    r"\b(know|decided|figured\s+out)\s+how\s+i'?m?\s*(going\s+to|gonna|will)\s+do\s+it\b",
+    r"\b(jump|jumping)\s+(off|from|in\s+front\s+of)\b",
+    r"\b(drive|driving|crash|crashing)\b.{0,40}\bon\s+purpose\b",
+    r"\b(bought|buying|got|have)\s+(a\s+)?(rope|noose|gun)\b",
+    r"\b(overdose|od)\b",
+    r"\b(saving|stockpiling|hoarding|collecting)\s+(up\s+)?(my\s+)?(pills|tablets|meds|medication)\b",
+    r"\b(pills|tablets)\b.{0,40}\b(not\s+wake|never\s+wake|to\s+die|enough)\b",
+    r"\b(this|today|tonight)\s+(is|will\s+be|is\s+going\s+to\s+be)\s+my\s+last\s+(day|night|week)\b(?!\s+(at|of|in|on|with)\b)",
+    r"\bwon'?t\s+need\s+(anything|it|them)\s+(after|anymore|any\s+more)\b",
+    r"\b(won'?t|will\s+not|not\s+going\s+to)\s+be\s+around\b",
     r"\bgiv(e|ing)\s+away\s+(all\s+)?my\s+(stuff|things|belongings)\b",
-    r"\b(say|saying|said)\s+(my\s+)?goodbyes?\b.{0,40}\b(forever|for\s+good|last\s+time)\b",
-    r"\bnot\s+be\s+around\s+(much\s+longer|anymore|tomorrow)\b",
-    r"\bself[-\s]?harm\b",
-    r"\b(uccidermi|suicidarmi|farla\s+finita|togliermi\s+la\s+vita|non\s+voglio\s+più\s+vivere)\b",
+    r"\bgiv(e|ing)\s+(all\s+)?my\s+(stuff|things|belongings)\s+away\b",
+    r"\bremember\s+me\s+by\b",
+    r"\b(said|saying|say)\s+goodbye\s+to\s+everyone\b",
+    r"\b(letters?|notes?)\b.{0,40}\bgoodbye\b|\bgoodbye\s+(letters?|notes?)\b",
+    # Italian
+    r"\b(uccidermi|suicidarmi|ammazzarmi|farla\s+finita|togliermi\s+la\s+vita|non\s+voglio\s+più\s+vivere)\b",
 ]
 _PATTERNS = [re.compile(p, re.IGNORECASE) for p in _RISK]
 

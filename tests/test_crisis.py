@@ -23,6 +23,13 @@ def test_guard_on_the_counseling_examples():
     assert missed == [] and false_alarms == []
 
 
+@pytest.mark.parametrize("text", ["I am going to die of boredom in this meeting", "today is my last day at work",
+                                  "I never wake up before 8", "I cut myself on a piece of paper",
+                                  "nobody will notice the typo", "kill the process and restart it"])
+def test_guard_stays_quiet_on_idioms(text):
+    assert not shows_risk(text)
+
+
 def test_reply_uses_the_locale_and_the_latest_user_message():
     assert "988" in crisis_text("US") and "112" in crisis_text("EU")
     assert "116 123" in crisis_text("UK")
