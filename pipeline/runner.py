@@ -35,6 +35,9 @@ STAGES = ("base", "cpt", "sft", "pref", "merge", "eval", "report")
 # Stages that exist; a stage not built yet is absent rather than faked.
 STAGE_MODULES = {
     "base": "pipeline.base",
+    "cpt": "pipeline.cpt",
+    "sft": "pipeline.sft",
+    "pref": "pipeline.pref",
     "eval": "pipeline.evaluate",
     "report": "pipeline.report",
 }
