@@ -179,7 +179,9 @@ def validate_data(pack: Pack) -> list[str]:
         sources = pack.sources(stage)
         if not sources:
             key = "hub_datasets" if pack.data == "hub" else "datasets"
-            problems.append(f"{where}: {stage}.{key}: no dataset for an enabled stage; "
+            dropped = len(getattr(section, key))
+            why = f" (licence=permissive dropped {dropped} non-commercial source(s))" if dropped else ""
+            problems.append(f"{where}: {stage}.{key}: no dataset for an enabled stage{why}; "
                             f"add one or set {stage}.enabled: false")
         for src in sources:
             if src.hub and pack.data != "hub":
@@ -201,4 +203,7 @@ def validate_data(pack: Pack) -> list[str]:
     if base.chat_template not in ("model", "chatml") and not (pack.dir / base.chat_template).is_file():
         problems.append(f"{where}: base.chat_template: file {base.chat_template} not found; "
                         "use 'model', 'chatml' or a .jinja file in the pack folder")
+    from merge.recipes import validate_merge
+
+    problems += validate_merge(pack)
     return problems
