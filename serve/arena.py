@@ -224,12 +224,23 @@ def build_app(arena: Arena):
         return name, gr.update(value=name, interactive=False), gr.update(visible=False), \
             f"Rating as **{name}**. Type a prompt or pick an example below."
 
+    def crisis_text(message: str) -> str | None:
+        if not getattr(arena.pack.serve, "crisis_guard", False):
+            return None
+        from serve.crisis import crisis_reply
+
+        return crisis_reply(message, getattr(arena.pack.serve, "crisis_locale", "US"))
+
     def send(prompt: str, rater: str, battle: dict | None):
         prompt = (prompt or "").strip()
         if not rater:
             raise gr.Error("Enter your name at the top first.")
         if not prompt:
             raise gr.Error("Type a prompt first.")
+        crisis = crisis_text(prompt)
+        if crisis:  # answered with crisis lines, never sent to the models, not part of any battle
+            yield battle, gr.skip(), gr.skip(), "", *[gr.skip()] * 5, f"⚠️ {crisis}"
+            return
         if battle is None or battle["voted"]:
             battle = new_battle(arena, rater)
         elif battle["busy"]:
@@ -284,6 +295,10 @@ def build_app(arena: Arena):
                 *vote_buttons(False), no, "New round: type a prompt.")
 
     def chat(message: str, history: list[dict]):
+        crisis = crisis_text(message)
+        if crisis:
+            yield crisis
+            return
         msgs = [{"role": "system", "content": arena.pack.system_prompt}] if arena.pack.system_prompt else []
         for m in history:
             content = m["content"]
@@ -322,18 +337,18 @@ def build_app(arena: Arena):
                         chat_a = gr.Chatbot(label="Model A", elem_id="chat-a", height=420)
                         chat_b = gr.Chatbot(label="Model B", elem_id="chat-b", height=420)
                     with gr.Row():
-                        btn_a = gr.Button("👈 A is better", interactive=False, elem_id="vote-a")
-                        btn_b = gr.Button("👉 B is better", interactive=False, elem_id="vote-b")
-                        btn_tie = gr.Button("🤝 Tie", interactive=False, elem_id="vote-tie")
-                        btn_bad = gr.Button("👎 Both are bad", interactive=False, elem_id="vote-bothbad")
+                        btn_a = gr.Button("A is better", interactive=False, elem_id="vote-a")
+                        btn_b = gr.Button("B is better", interactive=False, elem_id="vote-b")
+                        btn_tie = gr.Button("Tie", interactive=False, elem_id="vote-tie")
+                        btn_bad = gr.Button("Both are bad", interactive=False, elem_id="vote-bothbad")
                     status = gr.Markdown("Enter your name to start.", elem_id="reveal")
                     with gr.Row():
                         prompt = gr.Textbox(show_label=False, placeholder="Type a prompt and press Enter",
                                             elem_id="prompt", scale=5)
                         send_btn = gr.Button("Send", variant="primary", elem_id="send", scale=1)
                     with gr.Row():
-                        regen_btn = gr.Button("🔄 Regenerate", interactive=False, elem_id="regenerate")
-                        new_btn = gr.Button("🎲 New round", elem_id="new-round")
+                        regen_btn = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
+                        new_btn = gr.Button("New round", elem_id="new-round")
                     if arena.examples:
                         gr.Examples([[p] for p in arena.examples], inputs=[prompt], label="Prompts from the pack")
                 with gr.Column(scale=2):

@@ -1,0 +1,323 @@
+"""The arena end to end: a real arena process (the CLI serve/launch.py runs), driven through
+gradio_client and through headless Chromium, votes found in SQLite and on the leaderboard.
+
+The models are served by the real vLLM server of conftest's `vllm_server` fixture (a tiny random model under
+a tuned and a base name). `fake_openai_server` below, a small streaming OpenAI-compatible app, serves only
+the in-process test of a model that dies mid-battle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, make_pack, write_jsonl
+
+API_KEY = "test-key-123"
+RUBRIC = "# Test rubric\n\nPrefer the answer that is correct and short."
+PROMPTS = [{"prompt": "What is a bond?"}, {"prompt": "Explain compound interest."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+# ---------------------------------------------------------------------------- test model server
+
+
+def fake_openai_server(api_key: str) -> tuple[str, callable]:
+    """A streaming /v1/chat/completions with two models whose answers differ (tuned is longer).
+
+    Only for these tests, where vLLM is not available; returns (base url, stop function).
+    """
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in ("t", "t-base")]})
+
+    async def chat(request):
+        if request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "bad api key"}}, status_code=401)
+        body = await request.json()
+        last = body["messages"][-1]["content"]
+        system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+        words = (f"[{body['model']}] turn {sum(m['role'] == 'user' for m in body['messages'])} "
+                 f"answer to: {last}").split()
+        if not body["model"].endswith("-base"):
+            words += ["with", "more", "detail", f"(system prompt {len(system)} chars)"]
+        words = words[: body.get("max_tokens", 100)]
+
+        def events():
+            cid = "chatcmpl-test"
+            for i, w in enumerate(words):
+                chunk = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": (" " if i else "") + w},
+                                      "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                time.sleep(0.002)
+            end = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(end)}\n\n"
+            usage = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                     "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": len(words),
+                                              "total_tokens": 10 + len(words)}}
+            yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_http(f"http://127.0.0.1:{port}/v1/models", 30)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}/v1", stop
+
+
+# ---------------------------------------------------------------------------------- the arena process
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory, vllm_server):
+    """One arena process (the CLI serve/launch.py runs) on a test pack, against the vLLM server."""
+    root = tmp_path_factory.mktemp("arena")
+    make_pack(root, "t", """
+        name: t
+        description: arena test pack
+        system_prompt: You are a careful test assistant.
+        eval:
+          prompts:
+            - {path: data/eval/prompts.jsonl, licence: permissive}
+        serve:
+          max_tokens: 8
+          temperature: 0.7
+          crisis_guard: true
+        """, {"data/eval/prompts.jsonl": PROMPTS})
+    (root / "domains" / "t" / "rubric.md").write_text(RUBRIC)
+    port = free_port()
+    env = dict(os.environ, DOMAINS_DIR=str(root / "domains"), RUNS_DIR=str(root / "runs"),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(REPO))
+    log = open(root / "arena.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.arena", "--domain", "t", "--tuned-url", vllm_server.base_url,
+         "--base-url", vllm_server.base_url, "--tuned-model", vllm_server.tuned_model,
+         "--base-model", vllm_server.base_model, "--api-key-file", str(vllm_server.api_key_file),
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", 120, proc)
+        yield {"url": f"http://127.0.0.1:{port}/", "db": root / "runs" / "t" / "arena.sqlite",
+               "tuned": vllm_server.tuned_model, "base": vllm_server.base_model, "log": root / "arena.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def query(db: Path, sql: str, *args):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def text_of(message: dict) -> str:
+    content = message["content"]
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content
+
+
+@pytest.mark.slow
+def test_battle_through_gradio_client(arena):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(arena["url"], verbose=False)
+    with pytest.raises(AppError, match="name"):
+        client.predict("What is a bond?", api_name="/send")  # no rater name yet
+    client.predict("ada", api_name="/set_rater")
+
+    # A risky message gets the crisis lines and never reaches the models.
+    *_, status = client.predict("I want to end my life", api_name="/send")
+    assert "988" in status
+    assert query(arena["db"], "SELECT COUNT(*) FROM turns")[0][0] == 0
+
+    chat_a, chat_b, _, status = client.predict("What is a bond?", api_name="/send")
+    assert [m["role"] for m in chat_a] == ["user", "assistant"] == [m["role"] for m in chat_b]
+    assert text_of(chat_a[0]) == "What is a bond?"
+    assert "vote" in status
+    # multi-turn: a second prompt continues both conversations; regenerate redoes both answers of it
+    chat_a, chat_b, _, _ = client.predict("And a stock?", api_name="/send")
+    assert len(chat_a) == len(chat_b) == 4
+    client.predict(api_name="/regenerate")
+
+    label_a, label_b, reveal, board = client.predict(api_name="/vote_a")
+    assert arena["tuned"] in reveal and arena["base"] in reveal
+    assert label_a["label"].startswith("Model A: ") and label_b["label"].startswith("Model B: ")
+    with pytest.raises(AppError, match="already has a vote"):
+        client.predict(api_name="/vote_b")
+
+    # The vote is in SQLite: one battle, its two turns, both sides' generations with timings and tokens.
+    battles = query(arena["db"], "SELECT b.id, b.model_a, b.model_b, v.kind, v.rater FROM battles b "
+                                 "JOIN votes v ON v.battle_id = b.id WHERE v.rater = 'ada'")
+    assert len(battles) == 1
+    battle_id, model_a, model_b, kind, rater = battles[0]
+    assert kind == "model_a" and {model_a, model_b} == {arena["tuned"], arena["base"]}
+    assert f"Model A was `{model_a}`" in reveal
+    assert query(arena["db"], "SELECT idx, prompt FROM turns WHERE battle_id = ? ORDER BY idx", battle_id) == [
+        (0, "What is a bond?"), (1, "And a stock?")]
+    gens = query(arena["db"], "SELECT turn_idx, attempt, side, model, latency_s, completion_tokens, error "
+                              "FROM generations WHERE battle_id = ?", battle_id)
+    assert len(gens) == 6  # two turns, plus the regenerated second turn, on both sides
+    assert all(g[4] > 0 and g[5] and g[5] <= 8 and g[6] is None for g in gens)
+    assert {(g[2], g[3]) for g in gens} == {("a", model_a), ("b", model_b)}
+    assert max(g[1] for g in gens if g[0] == 1) == 1
+    assert query(arena["db"], "PRAGMA journal_mode")[0][0] == "wal"
+
+    # ... and on the leaderboard, which counts every vote in the store.
+    total = query(arena["db"], "SELECT COUNT(*) FROM votes")[0][0]
+    board = client.predict(api_name="/leaderboard")
+    assert f"| Battles (voted) | {total} |" in board
+    assert f"Tuned `{arena['tuned']}` vs base `{arena['base']}`" in board
+
+    # After the vote the next prompt starts a new, unvoted battle.
+    chat_a, _, _, _ = client.predict("Next question", api_name="/send")
+    assert len(chat_a) == 2
+    client.predict(api_name="/vote_bothbad")
+    assert query(arena["db"], "SELECT COUNT(*) FROM votes WHERE rater = 'ada'")[0][0] == 2
+    # The chat tab talks to the tuned model alone.
+    assert isinstance(client.predict("hello", api_name="/chat"), str)
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_raters_lose_no_vote(arena):
+    """20 scripted raters, each in their own session, cast 10 votes each at the same time."""
+    from gradio_client import Client
+
+    kinds = ["/vote_a", "/vote_b", "/vote_tie", "/vote_bothbad"]
+
+    def rater(i: int) -> list[str]:
+        client = Client(arena["url"], verbose=False)
+        client.predict(f"rater-{i:02d}", api_name="/set_rater")
+        cast = []
+        for j in range(10):
+            client.predict(PROMPTS[j % 2]["prompt"], api_name="/send")
+            kind = kinds[(i + j) % 4]
+            *_, reveal, _ = client.predict(api_name=kind)
+            assert "Vote recorded" in reveal
+            cast.append(kind)
+        return cast
+
+    start = time.time()
+    with ThreadPoolExecutor(20) as pool:
+        cast = list(pool.map(rater, range(20)))
+    print(f"200 battles by 20 concurrent raters in {time.time() - start:.1f}s")
+    expected = {"/vote_a": "model_a", "/vote_b": "model_b", "/vote_tie": "tie", "/vote_bothbad": "tie (bothbad)"}
+    for i, kinds_cast in enumerate(cast):
+        stored = query(arena["db"], "SELECT v.kind FROM votes v JOIN battles b ON b.id = v.battle_id "
+                                    "WHERE v.rater = ? ORDER BY v.created", f"rater-{i:02d}")
+        assert [k for (k,) in stored] == [expected[k] for k in kinds_cast]
+    assert query(arena["db"], "SELECT COUNT(*) FROM votes WHERE rater LIKE 'rater-%'")[0][0] == 200
+    # every voted battle has both answers stored
+    assert query(arena["db"], "SELECT COUNT(*) FROM votes v WHERE (SELECT COUNT(*) FROM generations g "
+                              "WHERE g.battle_id = v.battle_id) < 2")[0][0] == 0
+
+
+def chromium_driver(user_data_dir: Path):
+    """Headless Debian chromium through chromedriver; skip with the install command when missing."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("needs Debian chromium + chromedriver: apt-get install -y chromium chromium-driver "
+                    "(.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={user_data_dir}", "--window-size=1400,1100"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.slow
+def test_browser_battle_vote_reveals_identities(arena, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium_driver(tmp_path / "chromium-profile")
+    shot = Path("/tmp/arena_browser_test.png")
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(arena["url"])
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#rater textarea"))).send_keys("grace")
+        driver.find_element(By.ID, "rater-btn").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "reveal"), "Rating as grace"))
+        assert "Test rubric" in driver.find_element(By.ID, "rubric").text  # the pack's rubric, beside the battle
+        assert "What is a bond?" in driver.page_source  # the pack's eval prompts as examples
+
+        driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("Define duration of a bond.")
+        driver.find_element(By.ID, "send").click()
+        # the vote buttons open only once both answers have finished
+        wait.until(lambda d: d.find_element(By.ID, "vote-b").is_enabled())
+        for side in ("chat-a", "chat-b"):
+            assert "Define duration of a bond." in driver.find_element(By.ID, side).text
+        assert arena["tuned"] not in driver.find_element(By.ID, "chat-a").text  # still blind
+        driver.find_element(By.ID, "vote-b").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "reveal"), "Vote recorded"))
+        reveal = driver.find_element(By.ID, "reveal").text
+        assert arena["tuned"] in reveal and arena["base"] in reveal
+        wait.until(lambda d: "Model A: " in d.find_element(By.ID, "chat-a").text)
+        assert not driver.find_element(By.ID, "vote-a").is_enabled()
+        driver.save_screenshot(str(shot))
+    except Exception:
+        driver.save_screenshot(str(shot))
+        raise
+    finally:
+        driver.quit()
+    assert query(arena["db"], "SELECT kind FROM votes WHERE rater = 'grace'") == [("model_b",)]
