@@ -1,0 +1,157 @@
+"""The vote store (SQLite, WAL) and its export: one vote per conversation, no vote lost under concurrency,
+exported pairs that a pack's pref stage loads as a local source."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+import yaml
+
+from pipeline.data import load_rows
+from pipeline.pack import PackError, load_pack
+from serve import votes
+from serve.votes import Store, VoteError
+from tests.conftest import make_pack
+
+SYSTEM = "You are a finance tutor."
+
+
+def battle(store: Store, prompts: list[str], answers_a: list[str], answers_b: list[str],
+           models=("fin", "fin-base")) -> str:
+    bid = store.new_battle(*models, system_prompt=SYSTEM, sampling={"temperature": 0.7, "seed": 1})
+    for i, p in enumerate(prompts):
+        store.add_turn(bid, i, p)
+        store.add_generation(bid, i, "a", models[0], answers_a[i], latency_s=0.5, prompt_tokens=9,
+                             completion_tokens=4)
+        store.add_generation(bid, i, "b", models[1], answers_b[i], latency_s=0.4, prompt_tokens=9,
+                             completion_tokens=3)
+    return bid
+
+
+def test_store_schema_and_one_vote_per_conversation(tmp_path):
+    store = Store(tmp_path / "arena.sqlite")
+    con = sqlite3.connect(store.path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(votes.SCHEMA_VERSION)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"battles", "turns", "generations", "votes", "meta"} <= tables
+    con.close()
+
+    bid = battle(store, ["What is a bond?"], ["A loan to an issuer."], ["A stock."])
+    store.vote(bid, "model_a", "ada")
+    assert store.vote_of(bid)["kind"] == "model_a"
+    with pytest.raises(VoteError, match="already has a vote"):
+        store.vote(bid, "model_b", "ada")
+    with pytest.raises(VoteError, match="unknown vote"):
+        store.vote(bid, "left", "ada")
+    with pytest.raises(VoteError, match="no battle"):
+        store.vote("nope", "tie", "ada")
+    assert store.count_votes() == 1
+    # reopening keeps everything; a store from newer code is refused with a clear message
+    assert Store(store.path).vote_of(bid)["rater"] == "ada"
+    con = sqlite3.connect(store.path)
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(PackError, match="schema version 99"):
+        Store(store.path)
+
+
+def test_concurrent_writers_lose_no_vote(tmp_path):
+    path = tmp_path / "arena.sqlite"
+    Store(path)
+    errors = []
+
+    def rater(i):
+        store = Store(path)  # each rater with its own store object, as separate sessions would
+        try:
+            for j in range(10):
+                bid = battle(store, [f"q{i}-{j}"], ["x"], ["y"])
+                store.vote(bid, votes.WINNERS[(i + j) % 4], f"r{i}")
+        except Exception as e:  # surfaced below; a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=rater, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert Store(path).count_votes() == 200
+    assert len(Store(path).voted_battles()) == 200
+
+
+def test_voted_battles_use_the_latest_regeneration(tmp_path):
+    store = Store(tmp_path / "arena.sqlite")
+    bid = battle(store, ["q1", "q2"], ["a1", "a2"], ["b1", "b2"])
+    store.add_generation(bid, 1, "a", "fin", "a2 regenerated", attempt=1)
+    store.add_generation(bid, 1, "b", "fin-base", "b2 regenerated", attempt=1)
+    unvoted = battle(store, ["q"], ["a"], ["b"])
+    store.vote(bid, "tie", "bo")
+    [b] = store.voted_battles()
+    assert b["battle_id"] == bid and unvoted != bid
+    assert b["conversation_a"] == [{"role": "system", "content": SYSTEM},
+                                   {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                                   {"role": "user", "content": "q2"},
+                                   {"role": "assistant", "content": "a2 regenerated"}]
+    assert b["conversation_b"][-1]["content"] == "b2 regenerated"
+    [s] = store.stats_battles()
+    assert (s.len_a, s.len_b) == (len("a1a2 regenerated"), len("b1b2 regenerated"))
+
+
+def test_export_battles_and_pairs_load_as_a_pref_source(workspace, capsys):
+    make_pack(workspace, "fin", "name: fin\nsystem_prompt: You are a finance tutor.\n")
+    store = Store(votes.db_path("fin"))
+    b1 = battle(store, ["What is a bond?"], ["A loan you make to an issuer."], ["A share of a company."])
+    b2 = battle(store, ["Define APR."], ["Annual rate."], ["Annual percentage rate, without compounding."])
+    b3 = battle(store, ["Hi"], ["Hello"], ["Hey"])
+    b4 = battle(store, ["What is a yield?", "And duration?"], ["Income / price.", "Rate sensitivity."],
+                ["A harvest.", "Time."])
+    b5 = battle(store, ["Unvoted"], ["x"], ["y"])
+    store.vote(b1, "model_a", "ada")
+    store.vote(b2, "model_b", "bo")
+    store.vote(b3, "tie (bothbad)", "ada")
+    store.vote(b4, "model_a", "cy")
+
+    assert votes.main(["export", "--domain", "fin"]) == 0
+    printed = capsys.readouterr().out
+    battles_file = workspace / "runs" / "fin" / "votes" / "battles.jsonl"
+    pairs_file = workspace / "runs" / "fin" / "votes" / "pairs.jsonl"
+    assert "4 voted battles" in printed and "3 preference pairs" in printed
+    assert "runs/fin/votes/pairs.jsonl" in printed
+
+    rows = [json.loads(line) for line in battles_file.read_text().splitlines()]
+    assert [r["battle_id"] for r in rows] == [b1, b2, b3, b4] and b5 not in battles_file.read_text()
+    assert [r["winner"] for r in rows] == ["model_a", "model_b", "tie (bothbad)", "model_a"]
+    first = rows[0]
+    assert first["prompt"] == "What is a bond?" and first["rater"] == "ada" and first["tstamp"] > 0
+    assert (first["model_a"], first["model_b"]) == ("fin", "fin-base")
+    assert first["conversation_b"][-1] == {"role": "assistant", "content": "A share of a company."}
+
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs[:2]] == [
+        ("What is a bond?", "A loan you make to an issuer.", "A share of a company."),
+        ("Define APR.", "Annual percentage rate, without compounding.", "Annual rate.")]
+    multi = pairs[2]  # multi-turn: the shared start as the prompt, each side's continuation as messages
+    assert multi["prompt"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a yield?"}]
+    assert [m["content"] for m in multi["chosen"]] == ["Income / price.", "And duration?", "Rate sensitivity."]
+    assert [m["content"] for m in multi["rejected"]] == ["A harvest.", "And duration?", "Time."]
+
+    # The printed snippet, pasted into the pack, makes the pairs a pref source that loads.
+    snippet = printed[printed.index("pref:"):]
+    pack_file = workspace / "domains" / "fin" / "pack.yaml"
+    pack_file.write_text(pack_file.read_text() + snippet)
+    pack = load_pack("fin")
+    assert yaml.safe_load(snippet)["pref"]["datasets"][0]["path"].endswith("pairs.jsonl")
+    loaded = load_rows(pack, pack.sources("pref"), "pref", "pref.datasets")
+    assert len(loaded) == 3
+    assert loaded[0]["chosen"] == "A loan you make to an issuer."
+
+
+def test_export_without_votes_is_a_clear_error(workspace, capsys):
+    make_pack(workspace, "fin", "name: fin\n")
+    assert votes.main(["export", "--domain", "fin"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no votes yet for domain 'fin'") and "Traceback" not in err
