@@ -27,11 +27,11 @@ export TOKENIZERS_PARALLELISM=false
 
 STAMP := .venv/.stamp-$(shell sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)
 
-.PHONY: help setup validate show keys base cpt sft pref merge eval report all serve stop test clean
+.PHONY: help setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test clean
 
 help:
 	@sed -n '2,7p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop test clean"
+	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test clean"
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -63,6 +63,11 @@ serve: setup
 
 stop: setup
 	@$(PY) -m serve stop --domain $(domain)
+
+# Arena votes -> runs/<domain>/votes/battles.jsonl and pairs.jsonl (decisive votes as prompt/chosen/rejected);
+# prints the pref.datasets entry that makes the next `make all` train on them.
+export-votes: setup
+	@$(PY) -m serve.votes export --domain $(domain)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
