@@ -2,8 +2,9 @@
 
     python -m serve.parity --domain finance          # the check `serve` runs before starting vLLM
 
-Sample conversations (the pack's system prompt, one and several turns, and a few rows of the pack's SFT
-data) are rendered twice: by the training side (the SFT formatter with the tokenizer it trains with) and
+Sample conversations (one and several turns, and a few rows of the pack's SFT data, each with the pack's
+system prompt put first as the SFT stage and the arena do) are rendered twice: by the SFT formatter
+(pipeline/sft.py's tokenize_conversation, with the tokenizer of the model the SFT stage trained from) and
 the way vLLM's chat endpoint does it (the served folder's chat template, then tokenised without adding
 special tokens). The token ids must agree for the whole conversation, and the prompt vLLM sends before the
 answer must be exactly the prefix training put before it. Then the token that ends an assistant turn in
@@ -23,24 +24,20 @@ SENTINEL = "PARITY_SENTINEL_7f3"
 
 
 def sample_conversations(system_prompt: str, extra: list[list[dict]] = ()) -> list[list[dict]]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    """Built-in samples plus `extra`, each with the system prompt first unless it brings its own."""
+    from pipeline.training import with_system
+
     convs = [
-        system + [{"role": "user", "content": "What is compound interest?"},
-                  {"role": "assistant", "content": "Interest earned on interest: 100 at 5% for 2 years is 110.25."}],
-        [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}],
-        system + [{"role": "user", "content": "Define a bond."},
-                  {"role": "assistant", "content": "A loan to an issuer that pays interest."},
-                  {"role": "user", "content": "And its yield?"},
-                  {"role": "assistant", "content": "The return implied by its price,\nper year."}],
+        [{"role": "user", "content": "What is compound interest?"},
+         {"role": "assistant", "content": "Interest earned on interest: 100 at 5% for 2 years is 110.25."}],
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Say hello."},
+         {"role": "assistant", "content": "Hello!"}],
+        [{"role": "user", "content": "Define a bond."},
+         {"role": "assistant", "content": "A loan to an issuer that pays interest."},
+         {"role": "user", "content": "And its yield?"},
+         {"role": "assistant", "content": "The return implied by its price,\nper year."}],
     ]
-    return convs + [list(c) for c in extra]
-
-
-def _ids(out) -> list[int]:
-    """apply_chat_template(tokenize=True) returns a list or a BatchEncoding depending on the version."""
-    if hasattr(out, "keys") and "input_ids" in out:
-        out = out["input_ids"]
-    return list(out)
+    return [with_system(c, system_prompt) for c in convs + [list(c) for c in extra]]
 
 
 def served_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -49,20 +46,11 @@ def served_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def training_renderer(train_tokenizer):
-    """messages -> token ids as the SFT stage builds its training examples.
+def training_ids(train_tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation exactly as the SFT stage builds its training examples."""
+    from pipeline.sft import tokenize_conversation
 
-    Uses pipeline.sft's formatter when that module provides one (`format_ids(tokenizer, messages)`),
-    otherwise the training tokenizer's own chat template, which is what TRL's SFTTrainer applies to
-    `messages` rows.
-    """
-    try:
-        from pipeline import sft
-    except ImportError:
-        sft = None
-    if sft is not None and hasattr(sft, "format_ids"):
-        return lambda messages: list(sft.format_ids(train_tokenizer, messages))
-    return lambda messages: _ids(train_tokenizer.apply_chat_template(messages, tokenize=True))
+    return list(tokenize_conversation(train_tokenizer, messages)["input_ids"])
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -104,12 +92,11 @@ def check(served_dir: Path, train_tokenizer_dir: Path, conversations: list[list[
 
     served = AutoTokenizer.from_pretrained(served_dir)
     train = AutoTokenizer.from_pretrained(train_tokenizer_dir)
-    render = training_renderer(train)
     if not served.chat_template:
         raise PackError(f"{show_path(served_dir)} has no chat template; vLLM could not serve chat completions")
     problems = []
     for n, conv in enumerate(conversations, 1):
-        want = render(conv)
+        want = training_ids(train, conv)
         got = served_ids(served, conv, add_generation_prompt=False)
         if want != got:
             i = _first_difference(want, got)
@@ -149,8 +136,11 @@ def check_run(pack, run_dir: Path, served_dir: Path) -> dict:
         extra = [r["messages"] for r in rows[:3] if r.get("messages") and r["messages"][-1]["role"] == "assistant"]
     except Exception:  # the data is the training stages' to validate; the built-in samples still run
         extra = []
-    # The SFT stage trains with its input model's tokenizer, which the base stage wrote and later stages copy.
-    train_dir = model_dir(run_dir, "base")
+    # The SFT stage trains with its input model's tokenizer (cpt's output, or base's when cpt never ran).
+    try:
+        train_dir = model_dir(run_dir, "cpt")
+    except PackError:
+        train_dir = model_dir(run_dir, "base")
     return check(served_dir, train_dir, sample_conversations(pack.system_prompt, extra), pack.name)
 
 

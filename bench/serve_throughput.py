@@ -1,0 +1,217 @@
+"""Serving throughput: vLLM's OpenAI server against transformers' `generate` on the same model.
+
+    .venv/bin/python bench/serve_throughput.py --domain finance               # the merged model
+    .venv/bin/python bench/serve_throughput.py --domain finance --stage base  # before a merge exists
+
+At 1, 4 and 16 concurrent streams it prints requests/s, output tokens/s and p50/p95 time to first token.
+Every request asks for exactly --max-tokens new tokens (vLLM `ignore_eos`, transformers `min_new_tokens`)
+so both sides do the same work. vLLM: N client threads, each streaming its requests one after another with
+the official `openai` client (continuous batching happens in the server). transformers: its best plain
+setting, the N prompts of a round as one left-padded batch to `generate` (greedy, KV cache); its time to
+first token is when the first decoding step's logits are ready, the same moment for the whole batch. The
+vLLM server is started by serve.launch with the pack's serve settings; the target is vLLM >= 5x the
+transformers output tokens/s at 16 streams.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "What is compound interest? Explain with an example.",
+    "How does a bond's price move when interest rates rise?",
+    "Explain the difference between a stock and a bond.",
+    "What is an index fund?",
+    "How do I compute the annual percentage yield from a monthly rate?",
+    "What does a company's balance sheet show?",
+    "Explain diversification in two paragraphs.",
+    "What is inflation and how is it measured?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summary(wall: float, ttfts: list[float], tokens: int, requests: int) -> dict:
+    return {"requests": requests, "wall_s": round(wall, 2), "req_per_s": requests / wall,
+            "out_tok_per_s": tokens / wall, "ttft_p50_s": percentile(ttfts, 0.5),
+            "ttft_p95_s": percentile(ttfts, 0.95)}
+
+
+def messages(i: int, system: str) -> list[dict]:
+    sys_msg = [{"role": "system", "content": system}] if system else []
+    return sys_msg + [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+# ---------------------------------------------------------------------------------------------- vLLM
+
+
+def bench_vllm(url: str, key: str, model: str, streams: int, rounds: int, max_tokens: int, system: str) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=600)
+    ttfts, tokens, errors = [], [], []
+    lock = threading.Lock()
+
+    def worker(w: int):
+        for r in range(rounds):
+            start = time.perf_counter()
+            first, count = None, 0
+            try:
+                stream = client.chat.completions.create(
+                    model=model, messages=messages(w * rounds + r, system), max_tokens=max_tokens, temperature=0,
+                    stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content and first is None:
+                        first = time.perf_counter() - start
+                    if chunk.usage:
+                        count = chunk.usage.completion_tokens
+            except Exception as e:  # recorded and reported: a failed request must not pass as fast
+                with lock:
+                    errors.append(repr(e))
+                continue
+            with lock:
+                ttfts.append(first if first is not None else float("nan"))
+                tokens.append(count)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} vLLM requests failed, first: {errors[0]}")
+    return summary(wall, ttfts, sum(tokens), len(tokens))
+
+
+# -------------------------------------------------------------------------------------- transformers
+
+
+def bench_transformers(model, tokenizer, streams: int, rounds: int, max_tokens: int, system: str) -> dict:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FirstToken(LogitsProcessor):
+        """Called once per decoding step; the first call is when the first token's logits exist."""
+
+        def __init__(self):
+            self.at = None
+
+        def __call__(self, input_ids, scores):
+            if self.at is None:
+                self.at = time.perf_counter()
+            return scores
+
+    ttfts, tokens, wall = [], 0, 0.0
+    for r in range(rounds):
+        texts = [tokenizer.apply_chat_template(messages(w * rounds + r, system), tokenize=False,
+                                               add_generation_prompt=True) for w in range(streams)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        hook = FirstToken()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 logits_processor=LogitsProcessorList([hook]), pad_token_id=tokenizer.pad_token_id)
+        wall += time.perf_counter() - start
+        new = out[:, batch["input_ids"].shape[1]:]
+        tokens += int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else new.numel()
+        ttfts += [hook.at - start] * streams
+    return summary(wall, ttfts, tokens, streams * rounds)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.pack import PackError, load_pack, runs_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--domain", default="finance")
+    ap.add_argument("--stage", default="merge", help="whose model: merge (default) or base, cpt, sft, pref")
+    ap.add_argument("--streams", default="1,4,16", help="concurrency levels, comma separated")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
+    ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (exactly)")
+    ap.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="transformers dtype (float32: the faster one on CPUs without native bf16)")
+    ap.add_argument("--skip-hf", action="store_true", help="only vLLM")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="pack overrides, e.g. serve.dtype=float32")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.streams.split(",")]
+
+    from pipeline.runner import model_dir
+    from serve.launch import start_vllm, stop, wait_ready
+
+    try:
+        pack = load_pack(args.domain, args.overrides)
+        model = model_dir(runs_dir() / pack.name, args.stage)
+    except PackError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    print(f"model: {model} (stage {args.stage}); {args.max_tokens} new tokens per request, "
+          f"{args.rounds} requests per stream; vLLM dtype {pack.serve.dtype}, transformers {args.hf_dtype}")
+
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "sk-bench"
+    log = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "vllm.log"
+    results = {"model": str(model), "max_tokens": args.max_tokens, "vllm": {}, "transformers": {}}
+    child = start_vllm("tuned", model, ["bench"], "127.0.0.1", port, key, pack.serve, log)
+    try:
+        wait_ready([child], key, pack.serve.ready_timeout_s)
+        bench_vllm(child.url, key, "bench", 2, 1, 8, pack.system_prompt)  # warm-up
+        for n in levels:
+            results["vllm"][n] = r = bench_vllm(child.url, key, "bench", n, args.rounds, args.max_tokens,
+                                                pack.system_prompt)
+            print(f"vllm         streams={n:3d}  {r['req_per_s']:6.2f} req/s  {r['out_tok_per_s']:7.1f} tok/s  "
+                  f"TTFT p50 {r['ttft_p50_s']:.3f}s p95 {r['ttft_p95_s']:.3f}s", flush=True)
+    finally:
+        stop([child])
+
+    if not args.skip_hf:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.hf_dtype)).eval()
+        bench_transformers(hf, tokenizer, 1, 1, 4, pack.system_prompt)  # warm-up
+        for n in levels:
+            results["transformers"][n] = r = bench_transformers(hf, tokenizer, n, args.rounds, args.max_tokens,
+                                                                pack.system_prompt)
+            print(f"transformers streams={n:3d}  {r['req_per_s']:6.2f} req/s  {r['out_tok_per_s']:7.1f} tok/s  "
+                  f"TTFT p50 {r['ttft_p50_s']:.3f}s p95 {r['ttft_p95_s']:.3f}s", flush=True)
+        print("\nvLLM / transformers output tokens/s:")
+        for n in levels:
+            ratio = results["vllm"][n]["out_tok_per_s"] / results["transformers"][n]["out_tok_per_s"]
+            results.setdefault("speedup", {})[n] = ratio
+            mark = ("  (target >= 5x: " + ("met" if ratio >= 5 else "NOT met") + ")") if n == 16 else ""
+            print(f"  streams={n:3d}  {ratio:5.2f}x{mark}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
