@@ -321,3 +321,44 @@ def test_browser_battle_vote_reveals_identities(arena, tmp_path):
     finally:
         driver.quit()
     assert query(arena["db"], "SELECT kind FROM votes WHERE rater = 'grace'") == [("model_b",)]
+
+
+def test_a_failed_model_blocks_the_vote_and_is_stored(workspace):
+    """One side's server is down: the other answer still streams, the error is stored, no vote opens."""
+    from serve.arena import Arena, Side, make_client, new_battle, run_turn
+    from serve.votes import Store
+
+    make_pack(workspace, "t", "name: t\nsystem_prompt: Be brief.\n")
+    from pipeline.pack import load_pack
+
+    url, stop = fake_openai_server(API_KEY)
+    try:
+        dead = f"http://127.0.0.1:{free_port()}/v1"
+        arena = Arena(pack=load_pack("t"), tuned=Side("tuned", "t", url, make_client(url, API_KEY)),
+                      base=Side("base", "t-base", dead, make_client(dead, API_KEY)),
+                      store=Store(workspace / "arena.sqlite"), sampling={"temperature": 0.7, "max_tokens": 50})
+        battle = new_battle(arena, "ada")
+        battle["turns"].append({"prompt": "What is a bond?", "a": None, "b": None})
+        frames = list(run_turn(arena, battle, attempt=0))
+        assert frames and not battle["ready"]
+        tuned_tag = "a" if battle["roles"]["a"] == "tuned" else "b"
+        answer = battle["turns"][0][tuned_tag]
+        assert answer.startswith("[t] turn 1 answer to: What is a bond?")
+        assert f"system prompt {len('Be brief.')} chars" in answer  # the pack's system prompt was sent
+        assert "failed" in battle["turns"][0]["b" if tuned_tag == "a" else "a"]
+        rows = query(arena.store.path, "SELECT model, text, error, completion_tokens FROM generations")
+        stored = {model: (text, err, tokens) for model, text, err, tokens in rows}
+        assert stored["t"] == (answer, None, 13)  # 13 streamed chunks, the usage the server reported
+        assert "Connection" in stored["t-base"][1]
+    finally:
+        stop()
+
+
+def test_missing_api_key_file_is_one_clear_error(workspace):
+    make_pack(workspace, "t", "name: t\n")
+    r = subprocess.run([sys.executable, "-m", "serve.arena", "--domain", "t", "--tuned-url", "http://x/v1",
+                        "--base-url", "http://x/v1", "--api-key-file", "nope/api_key"],
+                       cwd=workspace, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: --api-key-file nope/api_key does not exist") and "Traceback" not in r.stderr
