@@ -38,6 +38,7 @@ STAGE_MODULES = {
     "cpt": "pipeline.cpt",
     "sft": "pipeline.sft",
     "pref": "pipeline.pref",
+    "merge": "pipeline.merge",
     "eval": "pipeline.evaluate",
     "report": "pipeline.report",
 }
