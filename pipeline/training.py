@@ -118,8 +118,10 @@ def lora_config(section: TrainStage, backend: str, train_embeddings: bool = Fals
     lora = section.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM",
-                      # language adaptation (new vocabulary use) trains the embeddings and the LM head in full
-                      modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None)
+                      # language adaptation (new vocabulary use) trains the embeddings and the LM head in full;
+                      # a model with tied embeddings (SmolLM2) keeps them tied, so the architecture is unchanged
+                      modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
+                      ensure_weight_tying=train_embeddings)
 
 
 def training_args(config_cls, section: TrainStage, ctx, **extra):

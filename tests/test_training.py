@@ -1,0 +1,216 @@
+"""Training stages cpt, sft, pref (DPO and ORPO) on a tiny random Llama, through the real runner, TRL and PEFT.
+
+Each stage trains a few steps on a small memorisable set; the tests check the output contract (merged
+model with the base's tokenizer, chat template and EOS ids, adapter, log.jsonl, loss.png, stage.json
+metrics), that the LoRA weights moved and the loss fell, resume after a crash, pass-through of a disabled
+stage, the assistant-only loss mask, and the clear errors for bad input.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import REPO, make_pack
+from pipeline import runner
+from pipeline.pack import PackError, load_pack
+
+SYSTEM = "You answer in one short sentence."
+CONVS = [{"messages": [{"role": "user", "content": f"What is the code for vault {i}?"},
+                       {"role": "assistant", "content": f"Vault {i} opens with alpha bravo {i}."}]} for i in range(8)]
+TEXT = [{"text": f"Quarterly report {i}: revenue grew {i} percent, margins stayed stable."} for i in range(10)]
+PAIRS = [{"prompt": f"Is bond {i} safe?", "chosen": f"Bond {i} carries credit risk; check its rating.",
+          "rejected": "yes totally safe"} for i in range(8)]
+PAIRS.append({"prompt": "long " * 200, "chosen": "a", "rejected": "b"})  # over max_length: dropped, counted
+
+TRAIN = """\
+      max_steps: 4
+      logging_steps: 1
+      save_steps: 2
+      eval_fraction: 0.25
+      per_device_train_batch_size: 2
+"""
+PACK = """\
+    name: toy
+    system_prompt: {system}
+    base: {{model: {model}}}
+    cpt:
+      datasets: [{{path: data/cpt.jsonl, licence: permissive}}]
+      learning_rate: 1.0e-2
+      max_length: 64
+{train}    sft:
+      datasets: [{{path: data/sft.jsonl, licence: permissive}}]
+      learning_rate: 1.0e-2
+{train}    pref:
+      datasets: [{{path: data/pref.jsonl, licence: permissive}}]
+      learning_rate: 1.0e-3
+      max_length: 128
+{train}"""
+FILES = {"data/cpt.jsonl": TEXT, "data/sft.jsonl": CONVS, "data/pref.jsonl": PAIRS}
+
+
+@pytest.fixture
+def toy(workspace, tiny_model_dir):
+    make_pack(workspace, "toy", PACK.format(system=SYSTEM, model=tiny_model_dir, train=TRAIN), FILES)
+    return workspace / "runs" / "toy"
+
+
+def stage_info(run_dir, stage):
+    return json.loads((run_dir / stage / "stage.json").read_text())
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def check_outputs(run_dir, stage, adapter=True):
+    """The output contract every training stage follows."""
+    from transformers import AutoTokenizer
+
+    out = run_dir / stage
+    info = stage_info(run_dir, stage)
+    assert info["model"] == "model" and (out / "model" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() == adapter
+    base_tok = AutoTokenizer.from_pretrained(run_dir / "base" / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert tok.chat_template == base_tok.chat_template  # preserved, never replaced
+    base_gen = json.loads((run_dir / "base" / "model" / "generation_config.json").read_text())
+    gen = json.loads((out / "model" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == base_gen["eos_token_id"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "checkpoints").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in log if "loss" in r]
+    assert train_rows and all({"step", "loss", "lr"} <= r.keys() for r in train_rows)
+    assert any("eval_loss" in r for r in log)
+    m = info["metrics"]
+    for key in ("tokens", "tokens_per_s", "train_loss", "eval_loss", "steps"):
+        assert key in m, key
+    assert m["steps"] == 4 and m["tokens"] > 0 and m["tokens_per_s"] > 0 and info["tokens"] == m["tokens"]
+    return m, train_rows
+
+
+def test_cpt_sft_dpo_chain(toy):
+    runner.run(load_pack("toy"), "pref")
+
+    cpt, _ = check_outputs(toy, "cpt")
+    assert cpt["eval_loss"] < cpt["eval_loss_before"]
+
+    sft, sft_log = check_outputs(toy, "sft")
+    assert sft["eval_loss"] < sft["eval_loss_before"] and sft["eval_loss"] < sft["eval_loss_base"]
+    assert sft_log[-1]["loss"] < sft_log[0]["loss"]
+    # LoRA B matrices start at zero: non-zero means the adapter trained; merged weights differ from the input
+    from safetensors.torch import load_file
+
+    adapter = load_file(toy / "sft" / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)
+    before, after = weights(toy / "cpt" / "model"), weights(toy / "sft" / "model")
+    key = next(k for k in after if "q_proj" in k)
+    assert not after[key].equal(before[key]) and after[key].dtype == before[key].dtype
+
+    pref, _ = check_outputs(toy, "pref")
+    assert pref["method"] == "dpo" and pref["dropped_too_long"] == 1
+    assert pref["rewards/accuracies"] >= 0 and "rewards/margins" in pref
+    assert pref["train_rows"] + pref["eval_rows"] == len(PAIRS) - 1
+    log = (toy / "pref" / "log.jsonl").read_text()
+    assert '"dropped_too_long": 1' in log and "rewards/margins" in log
+
+    # bad input later: a clear error, and the earlier stages' outputs are untouched
+    published = stage_info(toy, "pref")["fingerprint"]
+    with pytest.raises(PackError, match="all 9 pairs are longer than pref.max_length=16"):
+        runner.run(load_pack("toy", ["pref.max_length=16"]), "pref")
+    assert stage_info(toy, "pref")["fingerprint"] == published
+    assert (toy / "sft" / "model" / "model.safetensors").is_file()
+
+
+def test_orpo_with_disabled_stages(toy):
+    runner.run(load_pack("toy", ["cpt.enabled=false", "sft.enabled=false", "pref.method=orpo"]), "pref")
+    for stage in ("cpt", "sft"):
+        info = stage_info(toy, stage)
+        assert info["disabled"] is True
+        assert runner.model_dir(toy, stage) == (toy / "base" / "model").resolve()  # input passed through
+    pref, log = check_outputs(toy, "pref")
+    assert pref["method"] == "orpo" and "rewards/accuracies" in pref and "rewards/margins" in pref
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_killed_run_resumes_from_checkpoint(toy):
+    from transformers import TrainerCallback
+
+    from pipeline import sft
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # after checkpoint-2 was written
+                raise KeyboardInterrupt("killed mid-training")
+
+    pack = load_pack("toy", ["cpt.enabled=false"])
+    for stage in ("base", "cpt"):
+        runner.run_stage(pack, stage, toy)
+    crashing = types.SimpleNamespace(run=lambda ctx: sft.run(ctx, callbacks=[Kill()]))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_stage(pack, "sft", toy, module=crashing)
+    assert (toy / ".work" / "sft" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (toy / "sft").exists()
+
+    runner.run(pack, "sft")  # the same command again
+    m, log = check_outputs(toy, "sft")
+    assert m["resumed_from_step"] == 2 and m["steps"] == 4
+    steps = [r["step"] for r in log]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # the killed run's step 3 is not logged twice
+
+
+def test_assistant_only_mask(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.sft import tokenize_conversation
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "First question?"},
+            {"role": "assistant", "content": "First answer."}, {"role": "user", "content": "Second?"},
+            {"role": "assistant", "content": "Second answer."}]
+    enc = tokenize_conversation(tok, msgs)
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "First answer.<|im_end|>\nSecond answer.<|im_end|>\n"
+    ignored = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert SYSTEM in ignored and "First question?" in ignored and "Second answer" not in ignored
+
+
+def test_bad_pairs_and_options(toy, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.pref import prepare_pairs
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    same = [{"prompt": "q", "chosen": "same", "rejected": [{"role": "assistant", "content": "same"}]}]
+    with pytest.raises(PackError, match="chosen identical to rejected"):
+        prepare_pairs(same, tok, SYSTEM, 128, "data/pref.jsonl")
+    with pytest.raises(PackError, match="learning_rate"):
+        load_pack("toy", ["sft.learning_rate=0"])
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(PackError, match="unsloth needs a CUDA GPU"):
+            runner.run(load_pack("toy", ["cpt.backend=unsloth"]), "cpt")
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torch") is None or __import__("torch").cuda.is_available(),
+    reason="QLoRA is allowed on CUDA")
+def test_qlora_on_cpu_is_a_clear_error(toy):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # overrides before --domain: `run STAGE --domain D key=value` trips argparse (see the report)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "cpt", "cpt.tuning=qlora", "--domain", "toy"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "qlora needs a CUDA GPU" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert (toy / "base" / "model").is_dir()  # the earlier stage was published and is intact
