@@ -237,8 +237,9 @@ def preference_pair(battle: dict) -> dict | None:
     return {"prompt": cw[:head], "chosen": cw[head:], "rejected": cl[head:], **meta}
 
 
-def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, int]:
-    """Write battles.jsonl and pairs.jsonl; return (battles file, pairs file, battles, pairs)."""
+def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, int, int]:
+    """Write battles.jsonl and pairs.jsonl; return (battles file, pairs file, battles, pairs, pairs skipped
+    because both answers were identical)."""
     path = db_path(domain)
     if not path.is_file():
         raise PackError(f"no votes yet for domain '{domain}': {show_path(path)} does not exist. "
@@ -248,6 +249,9 @@ def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, i
     out_dir.mkdir(parents=True, exist_ok=True)
     battles = store.voted_battles()
     pairs = [p for p in map(preference_pair, battles) if p is not None]
+    # Identical answers carry no preference (and the pref stage rejects such pairs).
+    same = sum(p["chosen"] == p["rejected"] for p in pairs)
+    pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
     # Write then rename, so a pack that lists pairs.jsonl never reads a half-written file.
     files = []
     for name, rows in (("battles.jsonl", battles), ("pairs.jsonl", pairs)):
@@ -257,7 +261,7 @@ def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, i
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(tmp, out_dir / name)
         files.append(out_dir / name)
-    return files[0], files[1], len(battles), len(pairs)
+    return files[0], files[1], len(battles), len(pairs), same
 
 
 def yaml_snippet(domain: str, pairs_file: Path) -> str:
@@ -283,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.command == "export":
-            battles_file, pairs_file, nb, np_ = export(args.domain, args.out)
+            battles_file, pairs_file, nb, np_, same = export(args.domain, args.out)
             print(f"{nb} voted battles -> {show_path(battles_file)}")
-            print(f"{np_} preference pairs (decisive votes) -> {show_path(pairs_file)}")
+            skipped = f" ({same} skipped: both answers identical)" if same else ""
+            print(f"{np_} preference pairs (decisive votes){skipped} -> {show_path(pairs_file)}")
             print(f"\nTo train on them, add this source to domains/{args.domain}/pack.yaml "
                   "(next to the existing pref datasets):\n")
             print(yaml_snippet(args.domain, pairs_file))

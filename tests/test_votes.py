@@ -114,17 +114,19 @@ def test_export_battles_and_pairs_load_as_a_pref_source(workspace, capsys):
     store.vote(b2, "model_b", "bo")
     store.vote(b3, "tie (bothbad)", "ada")
     store.vote(b4, "model_a", "cy")
+    same = battle(store, ["Same?"], ["Identical."], ["Identical."])
+    store.vote(same, "model_b", "cy")  # a decisive vote on identical answers: no preference to learn
 
     assert votes.main(["export", "--domain", "fin"]) == 0
     printed = capsys.readouterr().out
     battles_file = workspace / "runs" / "fin" / "votes" / "battles.jsonl"
     pairs_file = workspace / "runs" / "fin" / "votes" / "pairs.jsonl"
-    assert "4 voted battles" in printed and "3 preference pairs" in printed
+    assert "5 voted battles" in printed and "3 preference pairs (decisive votes) (1 skipped" in printed
     assert "runs/fin/votes/pairs.jsonl" in printed
 
     rows = [json.loads(line) for line in battles_file.read_text().splitlines()]
-    assert [r["battle_id"] for r in rows] == [b1, b2, b3, b4] and b5 not in battles_file.read_text()
-    assert [r["winner"] for r in rows] == ["model_a", "model_b", "tie (bothbad)", "model_a"]
+    assert [r["battle_id"] for r in rows] == [b1, b2, b3, b4, same] and b5 not in battles_file.read_text()
+    assert [r["winner"] for r in rows] == ["model_a", "model_b", "tie (bothbad)", "model_a", "model_b"]
     first = rows[0]
     assert first["prompt"] == "What is a bond?" and first["rater"] == "ada" and first["tstamp"] > 0
     assert (first["model_a"], first["model_b"]) == ("fin", "fin-base")
@@ -155,3 +157,45 @@ def test_export_without_votes_is_a_clear_error(workspace, capsys):
     assert votes.main(["export", "--domain", "fin"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no votes yet for domain 'fin'") and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_exported_pairs_train_through_the_pref_stage(workspace, tiny_model_dir, capsys):
+    """Votes -> export -> the printed snippet in pack.yaml -> `make pref` trains DPO on them."""
+    from pipeline import runner
+
+    make_pack(workspace, "fin", f"""
+        name: fin
+        system_prompt: {SYSTEM}
+        base: {{model: {tiny_model_dir}}}
+        cpt: {{enabled: false}}
+        sft: {{enabled: false}}
+        pref:
+          learning_rate: 1.0e-3
+          max_length: 128
+          max_steps: 2
+          logging_steps: 1
+          per_device_train_batch_size: 2
+          eval_fraction: 0.25
+        """)
+    store = Store(votes.db_path("fin"))
+    for i in range(8):
+        careful, careless = f"Bond {i} carries credit risk; check its rating.", "yes totally safe"
+        left, right = (careful, careless) if i % 2 else (careless, careful)
+        bid = battle(store, [f"Is bond {i} safe?"], [left], [right])
+        store.vote(bid, "model_a" if i % 2 else "model_b", "ada")  # the careful answer wins on either side
+    assert votes.main(["export", "--domain", "fin"]) == 0
+    printed = capsys.readouterr().out
+    pack_file = workspace / "domains" / "fin" / "pack.yaml"
+    text = pack_file.read_text()
+    entry = printed[printed.index("    - {path:"):].strip()
+    pack_file.write_text(text.replace("pref:\n", f"pref:\n  datasets:\n    {entry}\n"))
+    pack = load_pack("fin")
+    runner.run(pack, "pref")
+    info = json.loads((workspace / "runs" / "fin" / "pref" / "stage.json").read_text())
+    m = info["metrics"]
+    assert m["method"] == "dpo" and m["steps"] == 2
+    assert m["train_rows"] + m["eval_rows"] == 8
+    assert (workspace / "runs" / "fin" / "pref" / "model" / "model.safetensors").is_file()
+    pairs = [json.loads(line) for line in (workspace / "runs" / "fin" / "votes" / "pairs.jsonl").open()]
+    assert all(p["chosen"].startswith("Bond") and p["rejected"] == "yes totally safe" for p in pairs)
