@@ -4,6 +4,7 @@ Row kinds and their fields (a source's `columns` maps these names to the dataset
 
     text    {"text": str}                                         cpt, eval.text
     chat    {"messages": [{"role", "content"}, ...]}               sft, eval.sft
+            (ShareGPT turns {"from": human|gpt, "value"} are converted)
             or {"instruction", "input" (optional), "output"}       (alpaca style, turned into messages)
     pref    {"prompt", "chosen", "rejected"}: strings or message lists     pref, eval.pref
     prompt  {"prompt": str}                                       eval.prompts
@@ -86,6 +87,16 @@ def _read_hub(src: Source) -> list[tuple[str, Any]]:
     return [(f"{src.hub}[{src.split}] row {i + 1}", r) for i, r in enumerate(ds)]
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _from_sharegpt(value: Any) -> Any:
+    """ShareGPT turns ({from: human|gpt, value}) as OpenAI messages; anything else unchanged."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "from" in m and "value" in m for m in value):
+        return [{"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in value]
+    return value
+
+
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
@@ -99,7 +110,7 @@ def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
         if "messages" not in row:
             need = ["instruction", "output"]
         else:
-            msgs = row["messages"]
+            msgs = _from_sharegpt(row["messages"])
             if not _is_messages(msgs) or not msgs:
                 return None, [f"{at}: 'messages' must be a list of {{role: system|user|assistant, content: str}}"]
             if msgs[-1]["role"] != "assistant":

@@ -22,7 +22,7 @@ GOOD = """\
         - {path: data/cpt.jsonl, licence: permissive}
     sft:
       datasets:
-        - {path: data/sft.jsonl, licence: permissive}
+        - {path: data/sft.jsonl, licence: permissive, columns: {messages: conversations}}
       learning_rate: 2.0e-4
     pref:
       datasets:
@@ -36,7 +36,8 @@ GOOD = """\
 GOOD_FILES = {
     "data/cpt.jsonl": [{"text": "Bonds pay coupons."}, {"text": "Stocks are shares."}],
     "data/sft.jsonl": [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-                       {"instruction": "Define yield", "input": "", "output": "Income over price."}],
+                       {"instruction": "Define yield", "input": "", "output": "Income over price."},
+                       {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Hi!"}]}],
     "data/pref.jsonl": [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}],
     "data/eval/prompts.jsonl": [{"prompt": "What is a bond?"}],
 }
@@ -68,6 +69,7 @@ def test_good_pack_loads_with_defaults_and_alpaca_rows(workspace):
     rows = load_rows(pack, pack.sources("sft"), "chat", "sft")
     assert rows[1]["messages"] == [{"role": "user", "content": "Define yield"},
                                    {"role": "assistant", "content": "Income over price."}]
+    assert rows[2]["messages"] == [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Hi!"}]
 
 
 def test_overrides_reach_nested_keys_lists_and_free_form_mappings(workspace):
