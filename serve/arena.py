@@ -198,7 +198,7 @@ def leaderboard_markdown(arena: Arena) -> str:
                                      f"(p = {s['left_p']:.3g}; a small p means raters favour the left side)"),
         ("To separate from 50%", need),
     ]
-    out = [f"### Tuned `{s['tuned']}` vs base `{s['base']}`", "", "| | |", "|---|---|"]
+    out = [f"### Tuned `{s['tuned']}` vs base `{s['base']}`", "", "| statistic | value |", "|---|---|"]
     out += [f"| {k} | {val} |" for k, val in rows]
     if "bradley_terry" in s:
         out += ["", "#### Bradley-Terry ratings (Elo scale)", "", "| model | rating |", "|---|---|"]
@@ -250,8 +250,9 @@ def build_app(arena: Arena):
         battle["ready"], battle["busy"] = False, True
         battle["turns"].append({"prompt": prompt, "a": None, "b": None})
         arena.store.add_turn(battle["id"], len(battle["turns"]) - 1, prompt)
-        yield battle, chat_view(battle["turns"], "a"), chat_view(battle["turns"], "b"), "", *vote_buttons(False), \
-            no, ""
+        # the labels go back to "Model A/B": after a vote they showed the previous battle's names
+        yield (battle, gr.update(value=chat_view(battle["turns"], "a"), label="Model A"),
+               gr.update(value=chat_view(battle["turns"], "b"), label="Model B"), "", *vote_buttons(False), no, "")
         for a, b in run_turn(arena, battle, attempt=0):
             yield battle, a, b, "", *vote_buttons(False), no, ""
         battle["busy"] = False
@@ -316,8 +317,7 @@ def build_app(arena: Arena):
                 text += payload
                 yield text
             else:
-                if payload["error"]:
-                    yield (text + f"\n\n⚠️ the model failed: {payload['error']}").strip()
+                yield (text + f"\n\n⚠️ the model failed: {payload['error']}").strip() if payload["error"] else text
                 return
 
     with gr.Blocks(title=f"{arena.pack.name} arena") as demo:

@@ -315,6 +315,19 @@ def test_browser_battle_vote_reveals_identities(arena, tmp_path):
         wait.until(lambda d: "Model A: " in d.find_element(By.ID, "chat-a").text)
         assert not driver.find_element(By.ID, "vote-a").is_enabled()
         driver.save_screenshot(str(shot))
+
+        # The next prompt starts a new blind battle: the revealed names are gone.
+        driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("What is a coupon?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: "What is a coupon?" in d.find_element(By.ID, "chat-b").text
+                   and d.find_element(By.ID, "vote-a").is_enabled())
+        for side in ("chat-a", "chat-b"):
+            text = driver.find_element(By.ID, side).text
+            assert arena["tuned"] not in text and arena["base"] not in text
+            assert "Define duration" not in text
+        driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Leaderboard')]").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "leaderboard"), "Battles (voted)"))
+        driver.save_screenshot(str(shot.with_name("arena_browser_leaderboard.png")))
     except Exception:
         driver.save_screenshot(str(shot))
         raise
