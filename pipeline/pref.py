@@ -67,7 +67,8 @@ def run(ctx, callbacks=()) -> dict:
     log_path = ctx.out / "log.jsonl"
     if dropped:
         ctx.log(f"dropped {dropped} of {len(rows)} pairs longer than max_length={section.max_length}")
-    training.append_log(log_path, {"step": 0, "dropped_too_long": dropped, "pairs": len(pairs)})
+    if training.last_checkpoint(ctx) is None:  # a resumed run has this line already
+        training.append_log(log_path, {"step": 0, "dropped_too_long": dropped, "pairs": len(pairs)})
     train_pairs, eval_pairs = training.split_rows(pairs, section.eval_fraction, section.seed)
     tokens_per_epoch = round(tokens_all * len(train_pairs) / len(pairs))
     ctx.log(f"{section.method}: {len(train_pairs)} pairs for training, {len(eval_pairs)} held out; backend {backend}")
@@ -91,7 +92,8 @@ def run(ctx, callbacks=()) -> dict:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         args = training.training_args(ORPOConfig, section, ctx, beta=section.beta, max_length=section.max_length,
-                                      eval_strategy=eval_strategy, dataset_num_proc=None)
+                                      eval_strategy=eval_strategy, dataset_num_proc=None,
+                                      remove_unused_columns=False)  # its collator needs the pair columns
         trainer = ORPOTrainer(model=model, args=args, **common)
 
     metrics = {"backend": backend, "tuning": section.tuning, "method": section.method,

@@ -25,7 +25,7 @@ from pathlib import Path
 from pipeline.pack import PackError, TrainStage
 
 ARGS_COMMON = dict(report_to="none", save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
-                   disable_tqdm=False, remove_unused_columns=True, dataloader_pin_memory=False)
+                   disable_tqdm=False, dataloader_pin_memory=False)
 
 
 # ------------------------------------------------------------------------------------- backend, model
@@ -328,6 +328,9 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
         if last_checkpoint(ctx) is None:  # before any step the LoRA model equals the input model
             metrics["eval_loss_before"] = held_out_loss(trainer.model, trainer)
             append_log(log_path, {"step": 0, "eval_loss": metrics["eval_loss_before"]})
+        else:  # resuming: the interrupted run measured it
+            metrics["eval_loss_before"] = next((r["eval_loss"] for r in read_log(log_path)
+                                                if r.get("step") == 0 and "eval_loss" in r), None)
     tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])  # after truncation/packing
     epoch_before = trainer.state.epoch or 0.0
     trained = train(trainer, ctx)

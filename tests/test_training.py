@@ -162,7 +162,7 @@ def test_killed_run_resumes_from_checkpoint(toy):
 
     runner.run(pack, "sft")  # the same command again
     m, log = check_outputs(toy, "sft")
-    assert m["resumed_from_step"] == 2 and m["steps"] == 4
+    assert m["resumed_from_step"] == 2 and m["steps"] == 4 and m["eval_loss"] < m["eval_loss_before"]
     steps = [r["step"] for r in log]
     assert steps == sorted(set(steps)) and steps[-1] == 4  # the killed run's step 3 is not logged twice
 
