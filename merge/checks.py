@@ -112,8 +112,10 @@ def post_merge(folder: Path, prompt: str, system_prompt: str = "", max_new_token
                         "check the inputs for NaN and the merge weights in merge.config")
     try:
         tok = AutoTokenizer.from_pretrained(folder)
-        # float32 for the check: bfloat16 matmuls are slow on many CPUs and the values are the same.
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        # float32 on CPU: bfloat16 matmuls are slow on many CPUs, and the check is about values, not speed.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except Exception as e:  # the output of a merge that transformers cannot read is a failed merge
         raise PackError(f"the merged model {show_path(folder)} does not load in transformers: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -129,6 +131,7 @@ def post_merge(folder: Path, prompt: str, system_prompt: str = "", max_new_token
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
         [{"role": "user", "content": prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = {k: v.to(device) for k, v in ids.items()}
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) - {None}
     with torch.no_grad():

@@ -118,6 +118,9 @@ def check_recipe(pack: Pack) -> list[str]:
     if pack.merge.search == "t" and method != "slerp":
         problems.append(f"{where}: merge.search: 't' grid-searches the SLERP weight; it needs "
                         f"merge_method slerp (the recipe uses {method}). Set merge.search: none.")
+    if pack.merge.search == "t" and not (pack.eval.sft or pack.eval.text):
+        problems.append(f"{where}: merge.search: 't' scores candidates on held-out data, but the pack lists "
+                        "no eval.sft or eval.text; add one, or set merge.search: none")
     return problems
 
 

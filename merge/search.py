@@ -39,7 +39,8 @@ def held_out_loss(folder: Path, items: list, system_prompt: str) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for item in items:
@@ -49,7 +50,7 @@ def held_out_loss(folder: Path, items: list, system_prompt: str) -> float:
                 text = tok.apply_chat_template(msgs, tokenize=False)
             else:
                 text = item
-            ids = tok(text, return_tensors="pt", truncation=True, max_length=MAX_LENGTH)["input_ids"]
+            ids = tok(text, return_tensors="pt", truncation=True, max_length=MAX_LENGTH)["input_ids"].to(device)
             if ids.shape[1] < 2:
                 continue
             loss = model(input_ids=ids, labels=ids).loss

@@ -163,11 +163,19 @@ def test_invalid_method_and_missing_stage_are_clear_errors(workspace, stage_mode
         runner.run_stage(load_pack("toy"), "merge", workspace / "runs/toy")
 
 
-def test_slerp_needs_a_base_and_two_models(workspace):
+def test_recipe_rules_are_checked_before_any_weight(workspace):
     make_pack(workspace, "toy", "name: toy\nmerge:\n  config: {merge_method: slerp, "
                                 "models: [{model: base}, {model: sft}, {model: pref}]}\n")
     [problem] = check_recipe(load_pack("toy"))
     assert "slerp needs a base model" in problem
+    make_pack(workspace, "toy", "name: toy\nmerge:\n  search: t\n  config: {dtype: float32}\n")
+    [problem] = check_recipe(load_pack("toy"))  # the default recipe, adjusted; no eval data to search on
+    assert "merge.search: 't' scores candidates on held-out data" in problem
+    assert load_pack("toy").merge.config["merge_method"] == "slerp"
+    make_pack(workspace, "toy", "name: toy\nmerge:\n  config: {merge_method: ties, base_model: base, "
+                                "models: [{model: sft}, {model: tuned}], tokenizer_source: union}\n")
+    [problem] = check_recipe(load_pack("toy"))
+    assert "merge.config.tokenizer_source: not supported" in problem
 
 
 def test_vocab_mismatch_names_the_models(workspace, stage_models, tokenizer_dir, tmp_path):
