@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (exactly)")
     ap.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="transformers dtype (float32: the faster one on CPUs without native bf16)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="CPU cores for each side: vLLM computes on the first N, transformers uses N torch "
+                         "threads (default all; on a machine shared with other work 1 gives stable numbers, "
+                         "since spinning OpenMP threads stall when the OS takes a core away)")
     ap.add_argument("--skip-hf", action="store_true", help="only vLLM")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="pack overrides, e.g. serve.dtype=float32")
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e.render(), file=sys.stderr)
         return 2
     print(f"model: {model} (stage {args.stage}); {args.max_tokens} new tokens per request, "
-          f"{args.rounds} requests per stream; vLLM dtype {pack.serve.dtype}, transformers {args.hf_dtype}")
+          f"{args.rounds} requests per stream; vLLM dtype {pack.serve.dtype}, transformers {args.hf_dtype}; "
+          f"{args.threads} CPU thread(s) each")
 
     import socket
     import tempfile
@@ -176,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     key = "sk-bench"
     log = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "vllm.log"
     results = {"model": str(model), "max_tokens": args.max_tokens, "vllm": {}, "transformers": {}}
-    child = start_vllm("tuned", model, ["bench"], "127.0.0.1", port, key, pack.serve, log)
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))
+    child = start_vllm("tuned", model, ["bench"], "127.0.0.1", port, key, pack.serve, log, cpus=cpus)
     try:
         wait_ready([child], key, pack.serve.ready_timeout_s)
         bench_vllm(child.url, key, "bench", 2, 1, 8, pack.system_prompt)  # warm-up
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        torch.set_num_threads(args.threads)
         tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -70,13 +70,19 @@ def serve_python(cuda: bool) -> str:
 
 def endpoints(pack: Pack) -> dict:
     """Host and ports after the environment overrides, with the variable that changes each port."""
-    env = os.environ
+    def port(variable: str, default: int) -> int:
+        value = os.environ.get(variable, "").strip()
+        if not value:
+            return default
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise PackError(f"{variable}={value!r} is not a port number (1-65535)")
+        return int(value)
+
     return {
-        "host": env.get("HOST") or pack.serve.host,
-        "tuned": (int(env.get("PORT") or pack.serve.port), "PORT=<port> or serve.port=<port>"),
-        "base": (int(env.get("BASE_PORT") or pack.serve.base_port), "BASE_PORT=<port> or serve.base_port=<port>"),
-        "arena": (int(env.get("ARENA_PORT") or pack.serve.arena_port),
-                  "ARENA_PORT=<port> or serve.arena_port=<port>"),
+        "host": os.environ.get("HOST") or pack.serve.host,
+        "tuned": (port("PORT", pack.serve.port), "PORT=<port> or serve.port=<port>"),
+        "base": (port("BASE_PORT", pack.serve.base_port), "BASE_PORT=<port> or serve.base_port=<port>"),
+        "arena": (port("ARENA_PORT", pack.serve.arena_port), "ARENA_PORT=<port> or serve.arena_port=<port>"),
     }
 
 
@@ -123,7 +129,20 @@ def vllm_command(python: str, model: Path, names: list[str], host: str, port: in
     return cmd
 
 
-def vllm_env(api_key_value: str, serve_cfg, cuda: bool) -> dict:
+def cpu_split(parts: int) -> list[str]:
+    """The CPUs this process may use, cut into `parts` contiguous lists for VLLM_CPU_OMP_THREADS_BIND.
+
+    vLLM's own 'auto' binding puts every server's compute threads on the same core and keeps another one
+    for its scheduler: two servers on a small machine would share one core and leave the rest idle.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    size = max(1, len(cpus) // parts)
+    chunks = [cpus[i * size:(i + 1) * size] or cpus[-size:] for i in range(parts)]
+    chunks[-1] = cpus[(parts - 1) * size:] or chunks[-1]  # the remainder goes to the last one
+    return [",".join(map(str, c)) for c in chunks]
+
+
+def vllm_env(api_key_value: str, serve_cfg, cuda: bool, cpus: str | None = None) -> dict:
     # API_KEY and CRISIS_LOCALE are read by serve.crisis.CrisisMiddleware; PYTHONPATH lets vLLM import it.
     env = dict(os.environ, VLLM_API_KEY=api_key_value, API_KEY=api_key_value, VLLM_NO_USAGE_STATS="1",
                DO_NOT_TRACK="1", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -131,6 +150,7 @@ def vllm_env(api_key_value: str, serve_cfg, cuda: bool) -> dict:
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     if not cuda:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(serve_cfg.kv_cache_gib)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpus or cpu_split(1)[0])  # the user's setting wins
     return env
 
 
@@ -155,12 +175,13 @@ def spawn(role: str, cmd: list[str], env: dict, log: Path, url: str, models: lis
 
 
 def start_vllm(role: str, model: Path, names: list[str], host: str, port: int, key: str, serve_cfg,
-               log: Path, cuda: bool | None = None, tie_to_parent: bool = True) -> Child:
-    """Start one vLLM OpenAI server; returns at once (see wait_ready)."""
+               log: Path, cuda: bool | None = None, tie_to_parent: bool = True, cpus: str | None = None) -> Child:
+    """Start one vLLM OpenAI server; returns at once (see wait_ready). On CPU it computes on `cpus`
+    (e.g. "0-3" or "0,1"; default every CPU we may use)."""
     cuda = on_cuda() if cuda is None else cuda
     cmd = vllm_command(serve_python(cuda), model, names, host, port, serve_cfg, cuda)
     url = f"http://{_url_host(host)}:{port}/v1"
-    return spawn(role, cmd, vllm_env(key, serve_cfg, cuda), log, url, names, tie_to_parent)
+    return spawn(role, cmd, vllm_env(key, serve_cfg, cuda, cpus), log, url, names, tie_to_parent)
 
 
 def _url_host(host: str) -> str:
@@ -282,10 +303,10 @@ def stop_domain(run_dir: Path, say=print) -> int:
     """Stop what a serve of this run started; the number of processes stopped."""
     serve_dir = run_dir / "serve"
     alive = _alive_children(serve_dir)
+    state_path(serve_dir).unlink(missing_ok=True)  # first: a foreground serve then knows the stop is wanted
     for entry in alive:
         say(f"[serve] stopping {entry['role']} (pid {entry['pid']}, {entry['url']})")
         stop_pid(entry["pid"])
-    state_path(serve_dir).unlink(missing_ok=True)
     if not alive:
         say(f"[serve] nothing is running for '{run_dir.name}'")
     return len(alive)
@@ -333,11 +354,12 @@ def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = F
     names = {"tuned": [pack.name], "base": [f"{pack.name}-base"]}
     say(f"[serve] starting vLLM ({'CUDA' if cuda else 'CPU'}) for {show_path(tuned_dir)} and "
         f"{show_path(base_dir)}; logs in {show_path(serve_dir)}")
+    halves = cpu_split(2)  # on CPU each server computes on its own half of the cores
     children = [
         start_vllm("tuned", tuned_dir, names["tuned"], host, ends["tuned"][0], key, cfg,
-                   serve_dir / "tuned.log", cuda, tie),
+                   serve_dir / "tuned.log", cuda, tie, halves[0]),
         start_vllm("base", base_dir, names["base"], host, ends["base"][0], key, cfg,
-                   serve_dir / "base.log", cuda, tie),
+                   serve_dir / "base.log", cuda, tie, halves[1]),
     ]
     _write_state(serve_dir, children, detach)
     try:
@@ -396,6 +418,9 @@ def _watch(children: list[Child], serve_dir: Path, say) -> int:
     try:
         while not stopping:
             dead = [c for c in children if c.proc.poll() is not None]
+            if dead and not state_path(serve_dir).exists():
+                say("[serve] stopped from elsewhere (`make stop`)")
+                break
             if dead:
                 c = dead[0]
                 say(f"[serve] the {c.role} process exited with code {c.proc.returncode}; stopping the rest. "

@@ -178,3 +178,57 @@ def test_vllm_command_per_machine():
     assert "--enforce-eager" not in gpu and gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.45"
     assert gpu[gpu.index("--tensor-parallel-size") + 1] == "2"
     assert vllm_env("k", cfg, cuda=True)["VLLM_API_KEY"] == "k"
+
+
+@pytest.mark.slow
+def test_detached_serve_answers_as_domain_and_base_and_stop_leaves_nothing(workspace, tokenizer_dir,
+                                                                           monkeypatch):
+    """`python -m serve serve --detach` (what `make serve DETACH=1` runs) and `python -m serve stop`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import openai
+
+    from conftest import REPO, build_tiny_model, free_port, make_pack
+    from serve.launch import arena_available
+
+    make_pack(workspace, "finance", PACK)
+    run = workspace / "runs" / "finance"
+    build_tiny_model(run / "base" / "model", tokenizer_dir, hidden=256)
+    (run / "base" / "stage.json").write_text(json.dumps({"stage": "base", "model": "model"}))
+    (run / "merge").mkdir()
+    (run / "merge" / "stage.json").write_text(json.dumps({"stage": "merge", "model": "../base/model"}))
+    env = dict(os.environ, PORT=str(free_port()), BASE_PORT=str(free_port()), ARENA_PORT=str(free_port()),
+               PYTHONPATH=str(REPO))
+    env.pop("API_KEY", None)
+    cli = [sys.executable, "-m", "serve"]
+    overrides = ["serve.max_model_len=512", "serve.ready_timeout_s=400"]
+    pids = []
+    started = subprocess.run([*cli, "serve", "--domain", "finance", "--detach", *overrides], env=env,
+                             capture_output=True, text=True, timeout=900)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        key = (run / "serve" / "api_key").read_text().strip()
+        assert (run / "serve" / "api_key").stat().st_mode & 0o777 == 0o600 and key in started.stdout
+        for port, model in ((env["PORT"], "finance"), (env["BASE_PORT"], "finance-base")):
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+            assert [m.id for m in client.models.list()] == [model]
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                   max_tokens=4)
+            assert reply.usage.completion_tokens > 0
+        pids = [c["pid"] for c in json.loads((run / "serve" / "state.json").read_text())["children"]]
+        assert len(pids) == (3 if arena_available() else 2)  # tuned, base and the arena once it exists
+
+        again = subprocess.run([*cli, "serve", "--domain", "finance", "--detach"], env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert again.returncode == 2 and "already being served" in again.stderr
+    finally:
+        stopped = subprocess.run([*cli, "stop", "--domain", "finance"], env=env, capture_output=True, text=True,
+                                 timeout=120)
+    assert stopped.returncode == 0 and "stopping tuned" in stopped.stdout
+    for pid in pids:  # every process group (vLLM's engine cores included) is gone
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+    assert not (run / "serve" / "state.json").exists()
