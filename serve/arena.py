@@ -144,7 +144,7 @@ def run_turn(arena: Arena, battle: dict, attempt: int):
             done[tag] = payload
             if payload["error"]:
                 turn[tag] = (turn[tag] + f"\n\n⚠️ this model failed: {payload['error']}").strip()
-        if time.perf_counter() - last > 0.05 or len(done) == 2:
+        if time.perf_counter() - last > 0.1 or len(done) == 2:  # ~10 updates a second
             last = time.perf_counter()
             yield chat_view(battle["turns"], "a"), chat_view(battle["turns"], "b")
     for tag, info in done.items():
