@@ -94,6 +94,10 @@ def run(ctx) -> dict:
 
     unique = _unique_inputs(folders)
     ctx.log("inputs: " + ", ".join(f"{n} -> {p}" for n, p in unique.items()))
+    if 1 < len(unique) < len(folders):
+        same = [n for n in unique if "=" in n]
+        raise PackError(f"merge.config names one model twice ({', '.join(same)} are the same folder, because "
+                        "a stage is disabled or 'tuned' is listed beside pref); list each model once")
     pre = pre_merge(unique if base in unique.values() else {"base": base, **unique})
 
     out = ctx.out / "model"
@@ -108,10 +112,6 @@ def run(ctx) -> dict:
         ctx.log(f"pass-through of {src}")
         copy_model(src, out)
         device = None
-    elif len(unique) < len(folders) and method != NONE:
-        same = [n for n in unique if "=" in n]
-        raise PackError(f"merge.config names one model twice ({', '.join(same)} are the same folder, because "
-                        "a stage is disabled or 'tuned' is listed beside pref); list each model once")
     elif spec.search == "t":
         from merge.search import search_t
 
@@ -129,7 +129,7 @@ def run(ctx) -> dict:
     for w in warnings:
         ctx.log(f"warning: {w}")
     ctx.log(f"answer to the check prompt: {post['answer'][:120]!r}")
-    metrics = {"method": method, "device": device, "dtype": config.get("dtype"), "inputs": pre["inputs"],
+    metrics = {"method": method, "device": device, "dtype": post["saved_dtype"], "inputs": pre["inputs"],
                "pre_checks": pre, "post_checks": post, "base_files_copied": copied, "warnings": warnings}
     if search is not None:
         metrics["search"] = search

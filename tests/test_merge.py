@@ -178,6 +178,14 @@ def test_recipe_rules_are_checked_before_any_weight(workspace):
     assert "merge.config.tokenizer_source: not supported" in problem
 
 
+def test_one_model_listed_twice_is_an_error(workspace, stage_models):
+    # pref disabled: its stage.json points to sft's model, so ties over sft and pref would merge sft with itself
+    with pytest.raises(PackError, match=r"names one model twice \(sft=pref are the same folder"):
+        merge(workspace, stage_models, "merge:\n  config: {merge_method: ties, base_model: base, models: "
+              "[{model: sft, parameters: {weight: 1}}, {model: pref, parameters: {weight: 1}}]}\n",
+              pref=stage_models["sft"])
+
+
 def test_vocab_mismatch_names_the_models(workspace, stage_models, tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
