@@ -193,6 +193,8 @@ def test_battle_through_gradio_client(arena):
 
     label_a, label_b, reveal, board = client.predict(api_name="/vote_a")
     assert arena["tuned"] in reveal and arena["base"] in reveal
+    # the leaderboard comes back with the vote, already counting it
+    assert f"| Battles (voted) | {query(arena['db'], 'SELECT COUNT(*) FROM votes')[0][0]} |" in board
     assert label_a["label"].startswith("Model A: ") and label_b["label"].startswith("Model B: ")
     with pytest.raises(AppError, match="already has a vote"):
         client.predict(api_name="/vote_b")
