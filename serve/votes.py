@@ -199,14 +199,21 @@ class Store:
         return out
 
     def stats_battles(self):
-        """The voted battles as serve.stats.Battle (answer length = characters of the assistant turns)."""
+        """The voted battles as serve.stats.Battle; answer length = characters of that side's assistant turns
+        (latest attempt of each). Computed in SQL: this runs on every vote."""
         from serve.stats import Battle
 
-        def length(msgs):
-            return sum(len(m["content"]) for m in msgs if m["role"] == "assistant")
-
-        return [Battle(b["model_a"], b["model_b"], b["winner"], length(b["conversation_a"]),
-                       length(b["conversation_b"])) for b in self.voted_battles()]
+        with self._connect() as con:
+            rows = con.execute(
+                "WITH last AS (SELECT battle_id, turn_idx, side, MAX(attempt) AS attempt FROM generations"
+                "              GROUP BY battle_id, turn_idx, side),"
+                " lens AS (SELECT battle_id, side, SUM(LENGTH(text)) AS n FROM generations"
+                "          JOIN last USING (battle_id, turn_idx, side, attempt) GROUP BY battle_id, side)"
+                " SELECT b.model_a, b.model_b, v.kind, COALESCE(la.n, 0), COALESCE(lb.n, 0)"
+                " FROM votes v JOIN battles b ON b.id = v.battle_id"
+                " LEFT JOIN lens la ON la.battle_id = b.id AND la.side = 'a'"
+                " LEFT JOIN lens lb ON lb.battle_id = b.id AND lb.side = 'b' ORDER BY v.created").fetchall()
+        return [Battle(*row) for row in rows]
 
     def summary(self, tuned: str, base: str) -> dict:
         from serve.stats import summarise
