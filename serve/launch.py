@@ -104,6 +104,8 @@ def api_key(serve_dir: Path) -> str:
 
 def check_port_free(host: str, port: int, what: str, fix: str) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # As uvicorn does: connections of a just-stopped server in TIME_WAIT must not count as "taken".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -352,8 +354,9 @@ def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = F
     key = api_key(serve_dir)
     tie = not detach
     names = {"tuned": [pack.name], "base": [f"{pack.name}-base"]}
-    say(f"[serve] starting vLLM ({'CUDA' if cuda else 'CPU'}) for {show_path(tuned_dir)} and "
-        f"{show_path(base_dir)}; logs in {show_path(serve_dir)}")
+    say(f"[serve] API key {key} (in {show_path(serve_dir / 'api_key')}, mode 0600; API_KEY sets your own)")
+    say(f"[serve] starting vLLM ({'CUDA' if cuda else 'CPU'}) for {show_path(tuned_dir)} as '{pack.name}' and "
+        f"{show_path(base_dir)} as '{pack.name}-base'; logs in {show_path(serve_dir)}")
     halves = cpu_split(2)  # on CPU each server computes on its own half of the cores
     children = [
         start_vllm("tuned", tuned_dir, names["tuned"], host, ends["tuned"][0], key, cfg,
