@@ -18,7 +18,10 @@ SHAPE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size",
               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 TOKENIZER_KEY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                        "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-DEFAULT_PROMPT = "In two sentences, what can you help me with?"
+DEFAULT_PROMPT = "What can you help me with?"
+# Asked after the pack prompt so that a working model's answer ends within a short budget: a full answer
+# of a verbose small model runs past 160 tokens, which would make the EOS check mean nothing.
+SHORT_ANSWER = "\n\nAnswer in one short sentence."
 
 
 def _config(folder: Path) -> dict:
@@ -97,7 +100,7 @@ def nonfinite_tensors(folder: Path) -> list[str]:
     return bad
 
 
-def post_merge(folder: Path, prompt: str, system_prompt: str = "", max_new_tokens: int = 64) -> dict:
+def post_merge(folder: Path, prompt: str, system_prompt: str = "", max_new_tokens: int = 96) -> dict:
     """Check the merged folder; raise PackError for NaN/inf, size mismatches or load errors.
 
     Returns the check results; 'warnings' lists soft failures (no EOS within max_new_tokens)."""
@@ -129,7 +132,7 @@ def post_merge(folder: Path, prompt: str, system_prompt: str = "", max_new_token
                         f"output rows {head_rows}, tokenizer {len(tok)} tokens")
 
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": prompt}]
+        [{"role": "user", "content": prompt + SHORT_ANSWER}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = {k: v.to(device) for k, v in ids.items()}
     eos = model.generation_config.eos_token_id
@@ -141,7 +144,7 @@ def post_merge(folder: Path, prompt: str, system_prompt: str = "", max_new_token
     stops = any(t in eos for t in new)
     result = {"finite": True, "loads": True, "vocab_size": vocab, "embedding_rows": rows,
               "tokenizer_size": len(tok), "saved_dtype": saved.get("dtype") or saved.get("torch_dtype"),
-              "prompt": prompt, "generated_tokens": len(new), "stops_at_eos": stops,
+              "prompt": prompt + SHORT_ANSWER, "generated_tokens": len(new), "stops_at_eos": stops,
               "answer": tok.decode(new, skip_special_tokens=True)[:400], "warnings": []}
     if not stops:
         result["warnings"].append(f"greedy answer did not reach EOS {sorted(eos)} within {max_new_tokens} "

@@ -12,6 +12,7 @@ post-merge checks. Every check goes into the metrics, hence into stage.json.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -98,12 +99,14 @@ def run(ctx) -> dict:
         same = [n for n in unique if "=" in n]
         raise PackError(f"merge.config names one model twice ({', '.join(same)} are the same folder, because "
                         "a stage is disabled or 'tuned' is listed beside pref); list each model once")
+    clock = time.time()
     pre = pre_merge(unique if base in unique.values() else {"base": base, **unique})
+    seconds = {"pre_checks": round(time.time() - clock, 1)}
 
     out = ctx.out / "model"
     if out.exists():
         shutil.rmtree(out)  # a half-written merge from a crashed run: merging again is cheap
-    search = None
+    search, clock = None, time.time()
     if method == NONE or len(unique) == 1:
         if method != NONE:
             warnings.append(f"every input of the {method} recipe is the same model ({next(iter(unique))}: "
@@ -122,15 +125,18 @@ def run(ctx) -> dict:
     else:
         device = mergekit_merge(config, out, recipe_yaml, ctx.log)
     copied = copy_base_files(base, out)
+    seconds["merge"] = round(time.time() - clock, 1)
 
     ctx.log("post-merge checks: NaN/inf, sizes, load, greedy generation")
+    clock = time.time()
     post = post_merge(out, check_prompt(ctx.pack), ctx.pack.system_prompt)
+    seconds["post_checks"] = round(time.time() - clock, 1)
     warnings += post.pop("warnings")
     for w in warnings:
         ctx.log(f"warning: {w}")
     ctx.log(f"answer to the check prompt: {post['answer'][:120]!r}")
     metrics = {"method": method, "device": device, "dtype": post["saved_dtype"], "inputs": pre["inputs"],
-               "pre_checks": pre, "post_checks": post, "base_files_copied": copied, "warnings": warnings}
+               "pre_checks": pre, "post_checks": post, "base_files_copied": copied, "warnings": warnings, "seconds": seconds}
     if search is not None:
         metrics["search"] = search
     return metrics
