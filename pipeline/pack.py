@@ -209,7 +209,9 @@ class ServeStage(Strict):
     base_port: int = Field(8001, gt=0, lt=65536)
     arena_port: int = Field(7860, gt=0, lt=65536)
     max_model_len: int = Field(2048, gt=0)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: the model's own on CUDA; on CPU bfloat16 where the CPU computes it natively, "
+                            "else float32 (emulated bfloat16 is 2-3x slower)")
     kv_cache_gib: int = Field(1, gt=0, description="KV cache GiB per server on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
     ready_timeout_s: int = Field(600, gt=0, description="a server not listing its model by then is stopped")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=0.95, description="per server on CUDA")
