@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.streams.split(",")]
 
     from pipeline.runner import model_dir
-    from serve.launch import start_vllm, stop, wait_ready
+    from serve.launch import on_cuda, serve_dtype, start_vllm, stop, wait_ready
 
     try:
         pack = load_pack(args.domain, args.overrides)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e.render(), file=sys.stderr)
         return 2
     print(f"model: {model} (stage {args.stage}); {args.max_tokens} new tokens per request, "
-          f"{args.rounds} requests per stream; vLLM dtype {pack.serve.dtype}, transformers {args.hf_dtype}; "
+          f"{args.rounds} requests per stream; vLLM dtype {serve_dtype(pack.serve.dtype, on_cuda())}, transformers {args.hf_dtype}; "
           f"{args.threads} CPU thread(s) each")
 
     import socket

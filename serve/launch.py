@@ -116,11 +116,27 @@ def check_port_free(host: str, port: int, what: str, fix: str) -> None:
 # -------------------------------------------------------------------------------------------- vLLM
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512/AMX, Arm BF16
+
+
+def serve_dtype(dtype: str, cuda: bool) -> str:
+    """serve.dtype for vLLM's --dtype. On a CPU without native bfloat16, vLLM emulates it: measured on
+    this project's 2-core Xeon (AVX-512, no avx512_bf16) float32 gave 2.5x the tokens/s at 16 streams."""
+    if dtype != "auto" or cuda:
+        return dtype
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 def vllm_command(python: str, model: Path, names: list[str], host: str, port: int, serve_cfg,
                  cuda: bool) -> list[str]:
     cmd = [python, "-m", VLLM_MODULE, "--model", str(model), "--served-model-name", *names,
            "--host", host, "--port", str(port), "--max-model-len", str(serve_cfg.max_model_len),
-           "--dtype", serve_cfg.dtype]
+           "--dtype", serve_dtype(serve_cfg.dtype, cuda)]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(serve_cfg.gpu_memory_utilization),
                 "--tensor-parallel-size", str(serve_cfg.tensor_parallel_size)]
