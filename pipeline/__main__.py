@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--domain", required=True, help="a folder under domains/, e.g. finance")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="pack overrides")
     sub.add_parser("keys", help="list every pack key with its type, default and meaning")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     try:
         if args.command == "keys":

@@ -168,3 +168,12 @@ def test_keys_lists_every_section():
     for key in ("sft.learning_rate", "pref.method", "pref.beta", "cpt.train_embeddings", "serve.port", "base.model"):
         assert key in text
     assert set(Pack.model_fields) >= {"base", "cpt", "sft", "pref", "merge", "eval", "serve"}
+
+
+def test_cli_run_takes_overrides_after_the_domain(workspace):
+    make_pack(workspace, "toy", GOOD, GOOD_FILES)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "sft", "--domain", "toy", "sft.learnin_rate=1"],
+                          capture_output=True, text=True, env=env, cwd=workspace)
+    assert proc.returncode == 2
+    assert "override 'sft.learnin_rate': sft has no key 'learnin_rate' (did you mean 'learning_rate'?)" in proc.stderr
