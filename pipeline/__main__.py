@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--domain", required=True, help="a folder under domains/, e.g. finance")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="pack overrides")
     sub.add_parser("keys", help="list every pack key with its type, default and meaning")
-    args = parser.parse_intermixed_args(argv)
+    # Overrides may follow --domain (as make writes them); argparse leaves those over as unknown.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
 
     try:
         if args.command == "keys":
