@@ -144,6 +144,7 @@ def training_args(config_cls, section: TrainStage, ctx, **extra):
         seed=section.seed,
         data_seed=section.seed,
         logging_steps=section.logging_steps,
+        logging_first_step=True,
         save_steps=section.save_steps,
         eval_steps=section.save_steps,
         bf16=bf16, fp16=on_cuda and not bf16,
@@ -186,6 +187,10 @@ def log_callback(path: Path, extra_keys=()):
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:  # the final loss and rewards are always logged
+                control.should_log = True
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
                 return
@@ -292,7 +297,9 @@ def held_out_loss(model, trainer) -> float | None:
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n == 0:
                 continue
-            loss = model(**batch).loss
+            # use_cache=False: with a cache transformers skips the packed-sequence mask, and packed
+            # documents would attend to each other (a fresh from_pretrained model has use_cache on)
+            loss = model(**batch, use_cache=False).loss
             total += float(loss) * n
             count += n
     model.train()
@@ -300,15 +307,13 @@ def held_out_loss(model, trainer) -> float | None:
 
 
 def base_model_loss(ctx, input_dir: Path, trainer) -> float | None:
-    """Held-out loss of the original base model, when this stage does not start from it."""
+    """Held-out loss of the original base model (equal to eval_loss_before when the stage starts from it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
         base = ctx.model_dir("base")
     except PackError:
-        return None
-    if Path(base).resolve() == Path(input_dir).resolve():
         return None
     device = next(trainer.model.parameters()).device
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)

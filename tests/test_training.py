@@ -29,7 +29,7 @@ PAIRS.append({"prompt": "long " * 200, "chosen": "a", "rejected": "b"})  # over 
 
 TRAIN = """\
       max_steps: 4
-      logging_steps: 1
+      logging_steps: 3
       save_steps: 2
       eval_fraction: 0.25
       per_device_train_batch_size: 2
@@ -101,6 +101,8 @@ def test_cpt_sft_dpo_chain(toy):
 
     cpt, _ = check_outputs(toy, "cpt")
     assert cpt["eval_loss"] < cpt["eval_loss_before"]
+    # the base model scored apart gives the same held-out loss as the LoRA model before its first step
+    assert cpt["eval_loss_base"] == pytest.approx(cpt["eval_loss_before"], abs=1e-4)
 
     sft, sft_log = check_outputs(toy, "sft")
     assert sft["eval_loss"] < sft["eval_loss_before"] and sft["eval_loss"] < sft["eval_loss_base"]
