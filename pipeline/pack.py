@@ -135,7 +135,8 @@ class SftStage(TrainStage):
 
     learning_rate: float = Field(2e-4, gt=0)
     assistant_only_loss: bool = True
-    packing: bool = False
+    packing: bool = Field(True, description="pack conversations into max_length rows (padding-free, each "
+                                            "attends to itself only); about 2x the tokens/s of padded batches")
 
 
 class PrefStage(TrainStage):
