@@ -168,6 +168,7 @@ def resolve(pack: Pack, run_dir: Path) -> tuple[dict, dict[str, Path]]:
     if problems:
         raise PackError(problems, "merge.config has problems")
     config = copy.deepcopy(pack.merge.config)
+    config.setdefault("dtype", pack.base.dtype)  # the base model's precision unless the recipe says otherwise
     if config.get("merge_method") == NONE:
         names = passthrough_ref(config)
     else:
