@@ -223,11 +223,16 @@ def plot_loss(log_path: Path, png: Path, title: str) -> None:
     rows = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    # our own measurement before and after (token-weighted, the stage.json numbers); the trainer's
+    # eval_loss above averages batch means, so the two differ a little
+    heldout = [(r["step"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o--", label="held-out loss")
+        ax.plot(*zip(*evals), "o--", label="eval loss (trainer)")
+    if heldout:
+        ax.plot(*zip(*heldout), "s", label="held-out loss before / after")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -332,17 +337,17 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
         metrics["eval_loss_base"] = base_model_loss(ctx, input_dir, trainer)
         if last_checkpoint(ctx) is None:  # before any step the LoRA model equals the input model
             metrics["eval_loss_before"] = held_out_loss(trainer.model, trainer)
-            append_log(log_path, {"step": 0, "eval_loss": metrics["eval_loss_before"]})
+            append_log(log_path, {"step": 0, "heldout_loss": metrics["eval_loss_before"]})
         else:  # resuming: the interrupted run measured it
-            metrics["eval_loss_before"] = next((r["eval_loss"] for r in read_log(log_path)
-                                                if r.get("step") == 0 and "eval_loss" in r), None)
+            metrics["eval_loss_before"] = next((r["heldout_loss"] for r in read_log(log_path)
+                                                if r.get("step") == 0 and "heldout_loss" in r), None)
     tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])  # after truncation/packing
     epoch_before = trainer.state.epoch or 0.0
     trained = train(trainer, ctx)
     metrics.update(throughput(tokens_per_epoch, trained, epoch_before))
     if has_eval:
         metrics["eval_loss"] = held_out_loss(trainer.model, trainer)
-        append_log(log_path, {"step": trained["steps"], "eval_loss": metrics["eval_loss"]})
+        append_log(log_path, {"step": trained["steps"], "heldout_loss": metrics["eval_loss"]})
     metrics.update(steps=trained["steps"], resumed_from_step=trained["resumed_from_step"],
                    train_loss=final_train_value(ctx, "loss"), train_loss_mean=trained["train_loss_mean"],
                    train_runtime_s=round(trained["train_runtime"], 2))

@@ -107,6 +107,7 @@ def test_cpt_sft_dpo_chain(toy):
     sft, sft_log = check_outputs(toy, "sft")
     assert sft["eval_loss"] < sft["eval_loss_before"] and sft["eval_loss"] < sft["eval_loss_base"]
     assert sft_log[-1]["loss"] < sft_log[0]["loss"]
+    assert '"heldout_loss"' in (toy / "sft" / "log.jsonl").read_text()
     # LoRA B matrices start at zero: non-zero means the adapter trained; merged weights differ from the input
     from safetensors.torch import load_file
 
