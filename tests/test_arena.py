@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_pack, write_jsonl
+from tests.conftest import REPO, make_pack
 
 API_KEY = "test-key-123"
 RUBRIC = "# Test rubric\n\nPrefer the answer that is correct and short."
