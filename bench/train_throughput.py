@@ -5,10 +5,11 @@ and against the FLOP bound of this machine's CPU.
     .venv/bin/python bench/train_throughput.py --steps 6 --json /tmp/train_bench.json
 
 - ours:  what pipeline/sft.py does: conversations tokenized with the assistant-only mask, packed into
-         512-token rows by TRL's best-fit-decreasing packer (padding-free, each conversation attends to
-         itself only), LoRA r=16 on every linear layer, float32 on CPU.
-- naive: the same model, LoRA and data with no packing: one conversation per row, every batch padded to
-         512 tokens, float32.
+         512-token rows by TRL's best-fit-decreasing packer (padding-free), with pipeline/fastpath.py's
+         per-conversation attention and LM head over the labelled tokens; LoRA r=16 on every linear layer
+         (the pack's default dropout 0), no gradient checkpointing (the CPU default), float32.
+- naive: the same model, LoRA, data and settings with no packing and no fast path: one conversation per
+         row, every batch padded to 512 tokens, float32.
 - bound: LoRA training costs about 4 x parameters FLOPs per token (forward 2N, backward through the frozen
          weights 2N; the adapters' own cost is small); this CPU's fp32 matmul GFLOP/s, measured here with
          torch, divided by that gives the tokens/s no implementation can beat.
@@ -77,6 +78,8 @@ def run(name: str, model, tok, data: list[dict], args, packed: bool) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from pipeline import fastpath
+
     counted = {"tokens": 0}
 
     def count_tokens(module, a, kwargs):
@@ -106,10 +109,15 @@ def run(name: str, model, tok, data: list[dict], args, packed: bool) -> dict:
         per_device_train_batch_size=args.batch, learning_rate=2e-4, max_length=args.max_length,
         packing=packed, packing_strategy="bfd", pad_to_multiple_of=None if packed else args.max_length,
         logging_steps=1000, save_strategy="no", report_to="none", seed=0, dataloader_pin_memory=False,
-        disable_tqdm=True, assistant_only_loss=False, shuffle_dataset=True, bf16=False)  # fp32 on CPU
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        disable_tqdm=True, assistant_only_loss=False, shuffle_dataset=True, bf16=False,  # fp32 on CPU
+        gradient_checkpointing=args.gradient_checkpointing, use_cpu=True)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, processing_class=tok, train_dataset=Dataset.from_list(data),
                          peft_config=lora, callbacks=[timer])
+    if packed:  # what pipeline/training.py does on the CPU
+        fastpath.packed_attention(trainer.model.get_base_model())
+        fastpath.plain_lm_head(trainer)
     trainer.train()
     hook.remove()
     times, tokens = timer.times[args.warmup:], timer.tokens[args.warmup:]
@@ -127,9 +135,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lora-dropout", type=float, default=None, help="default: the pack's (0.0)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (off on CPU)")
     parser.add_argument("--tmp", default="/tmp/train_throughput")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
+    if args.lora_dropout is None:
+        from pipeline.pack import Lora
+
+        args.lora_dropout = Lora().lora_dropout
 
     import torch
 
@@ -150,7 +164,8 @@ def main() -> None:
         "speedup_vs_naive": round(ours["tokens_per_s"] / naive["tokens_per_s"], 2),
         "fraction_of_bound": round(ours["tokens_per_s"] / bound, 3),
         "naive_fraction_of_bound": round(naive["tokens_per_s"] / bound, 3),
-        "config": {"lora_r": 16, "max_length": args.max_length, "batch": args.batch, "steps": args.steps,
+        "config": {"lora_r": 16, "lora_dropout": args.lora_dropout,
+                   "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length, "batch": args.batch, "steps": args.steps,
                    "dtype": "float32", "threads": torch.get_num_threads()},
     }
     print(f"\nSFT tokens/s, SmolLM2-135M, LoRA r=16, seq {args.max_length}, batch {args.batch}, fp32:")

@@ -94,7 +94,8 @@ class Lora(Strict):
 
     r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="0 as Unsloth recommends; on the CPU 0.05 "
+                                "costs ~30% of an SFT step (a random mask per adapted layer)")
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
@@ -120,6 +121,8 @@ class TrainStage(Strict):
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0, description="checkpoint every N steps, for resume")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out share of the data for eval loss")
+    gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward pass; "
+                                                "default: on with a GPU (memory), off on the CPU (~25% faster)")
 
 
 class CptStage(TrainStage):
