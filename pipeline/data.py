@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,20 @@ def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
     return {k: row[k] for k in need}, []
 
 
+def _rejected_rated_higher(rec: dict, ratings: dict[str, str], at: str) -> tuple[bool, str | None]:
+    """(drop?, problem) for one pair under drop_if_rejected_rated_higher."""
+    values = {}
+    for side, column in ratings.items():
+        value = rec.get(column)
+        try:
+            values[side] = float(value)
+        except (TypeError, ValueError):
+            present = ", ".join(rec)
+            return False, (f"{at}: rating column {column!r} ({side}) is missing or not a number (got {value!r}; "
+                           f"present: {present}); fix drop_if_rejected_rated_higher")
+    return values["rejected"] > values["chosen"], None
+
+
 def load_source(src: Source, pack_dir: Path, kind: str) -> tuple[list[dict], list[str]]:
     """Rows of one source in our field names, and the problems found (file:line each)."""
     if src.path:
@@ -146,12 +161,21 @@ def load_source(src: Source, pack_dir: Path, kind: str) -> tuple[list[dict], lis
         records, problems = _read_local(path, where)
     else:
         records, problems = _read_hub(src), []
-    rows = []
+    rows, dropped = [], 0
     inverse = {theirs: ours for ours, theirs in src.columns.items()}
+    ratings = src.drop_if_rejected_rated_higher if kind == "pref" else None
     for at, rec in records:
         if not isinstance(rec, dict):
             problems.append(f"{at}: expected a JSON object, got {type(rec).__name__}")
             continue
+        if ratings:
+            rated, rating_problem = _rejected_rated_higher(rec, ratings, at)
+            if rating_problem:
+                problems.append(rating_problem)
+                continue
+            if rated:
+                dropped += 1
+                continue
         mapped = {inverse.get(k, k): v for k, v in rec.items()}
         row, row_problems = _check(kind, mapped, at)
         problems += row_problems
@@ -159,6 +183,9 @@ def load_source(src: Source, pack_dir: Path, kind: str) -> tuple[list[dict], lis
             rows.append(row)
     if src.path and src.max_rows:
         rows = rows[: src.max_rows]
+    if dropped:
+        print(f"{src.label}: dropped {dropped} pair(s) whose rejected answer is rated higher "
+              f"({ratings['rejected']} > {ratings['chosen']})", file=sys.stderr)
     if not rows and not problems:
         problems.append(f"{src.label}: the dataset is empty")
     return rows, problems

@@ -75,6 +75,9 @@ class Source(Strict):
     licence: Literal["permissive", "non-commercial"]
     licence_name: str = Field("", description="e.g. CC-BY-4.0; shown in the model card")
     max_rows: int | None = Field(None, gt=0)
+    drop_if_rejected_rated_higher: dict[str, str] | None = Field(
+        None, description="preference pairs: {chosen: column, rejected: column} of a rating (e.g. safety); a pair "
+                          "whose rejected answer is rated higher than its chosen one is dropped, with a count")
 
     @model_validator(mode="after")
     def _one_origin(self):
@@ -82,6 +85,10 @@ class Source(Strict):
             raise ValueError("give exactly one of 'path' (a local file) or 'hub' (a dataset id)")
         if self.path is not None and Path(self.path).suffix not in (".jsonl", ".parquet", ".txt"):
             raise ValueError(f"path {self.path!r}: use a .jsonl, .parquet or .txt file")
+        ratings = self.drop_if_rejected_rated_higher
+        if ratings is not None and set(ratings) != {"chosen", "rejected"}:
+            raise ValueError("drop_if_rejected_rated_higher needs exactly the keys 'chosen' and 'rejected' "
+                             "(each naming a rating column)")
         return self
 
     @property

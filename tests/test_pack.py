@@ -176,3 +176,28 @@ def test_cli_run_takes_overrides_after_the_domain(workspace):
                           capture_output=True, text=True, env=env, cwd=workspace)
     assert proc.returncode == 2
     assert "override 'sft.learnin_rate': sft has no key 'learnin_rate' (did you mean 'learning_rate'?)" in proc.stderr
+
+
+def test_pairs_whose_rejected_side_is_rated_higher_are_dropped(workspace, capsys):
+    from pipeline.data import load_rows
+
+    pairs = [{"question": "q1", "chosen": "c1", "rejected": "r1", "safe_c": 5, "safe_r": 3},
+             {"question": "q2", "chosen": "c2", "rejected": "r2", "safe_c": 2, "safe_r": 4},  # rejected is safer
+             {"question": "q3", "chosen": "c3", "rejected": "r3", "safe_c": 4, "safe_r": 4}]
+    make_pack(workspace, "rated", """
+name: rated
+pref:
+  datasets:
+    - {path: data/pref.jsonl, licence: permissive, columns: {prompt: question},
+       drop_if_rejected_rated_higher: {chosen: safe_c, rejected: safe_r}}
+""", {"data/pref.jsonl": pairs})
+    pack = load_pack("rated")
+    rows = load_rows(pack, pack.sources("pref"), "pref", "pref.datasets")
+    assert [r["prompt"] for r in rows] == ["q1", "q3"]
+    assert "dropped 1 pair(s)" in capsys.readouterr().err
+
+    pairs[2].pop("safe_r")
+    make_pack(workspace, "rated", (workspace / "domains/rated/pack.yaml").read_text(), {"data/pref.jsonl": pairs})
+    with pytest.raises(PackError) as err:
+        load_rows(load_pack("rated"), load_pack("rated").sources("pref"), "pref", "pref.datasets")
+    assert "pref.jsonl:3" in str(err.value) and "'safe_r'" in str(err.value)
