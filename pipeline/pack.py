@@ -223,6 +223,8 @@ class ServeStage(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: the model's own on CUDA; on CPU bfloat16 where the CPU computes it natively, "
                             "else float32 (emulated bfloat16 is 2-3x slower)")
+    compile: bool = Field(False, description="CPU: let vLLM torch.compile the model instead of --enforce-eager "
+                                             "(a slower start, faster decoding; see bench/serve_throughput.py)")
     kv_cache_gib: int = Field(1, gt=0, description="KV cache GiB per server on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
     ready_timeout_s: int = Field(600, gt=0, description="a server not listing its model by then is stopped")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=0.95, description="per server on CUDA")

@@ -140,8 +140,8 @@ def vllm_command(python: str, model: Path, names: list[str], host: str, port: in
     if cuda:
         cmd += ["--gpu-memory-utilization", str(serve_cfg.gpu_memory_utilization),
                 "--tensor-parallel-size", str(serve_cfg.tensor_parallel_size)]
-    else:
-        cmd += ["--enforce-eager"]  # CUDA graphs do not exist here and compiling costs minutes
+    elif not getattr(serve_cfg, "compile", False):
+        cmd += ["--enforce-eager"]  # no CUDA graphs here, and compiling makes the start minutes longer
     if getattr(serve_cfg, "crisis_guard", False):
         cmd += ["--middleware", "serve.crisis.CrisisMiddleware"]
     return cmd

@@ -180,6 +180,8 @@ def test_vllm_command_per_machine():
     assert vllm_env("k", cfg, cuda=True)["VLLM_API_KEY"] == "k"
     assert gpu[gpu.index("--dtype") + 1] == "auto"  # vLLM takes the model's own dtype on CUDA
     assert cpu[cpu.index("--dtype") + 1] in ("bfloat16", "float32")  # native bf16 or not
+    compiled = vllm_command("py", Path("/m"), ["finance"], "127.0.0.1", 8000, ServeStage(compile=True), cuda=False)
+    assert "--enforce-eager" not in compiled
     explicit = vllm_command("py", Path("/m"), ["x"], "h", 1, ServeStage(dtype="float16"), cuda=False)
     assert explicit[explicit.index("--dtype") + 1] == "float16"  # a dtype the pack names is used as it is
 
