@@ -120,8 +120,15 @@ class CrisisMiddleware:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        replayed = False
 
         async def replay():
+            # the body once; then the real channel, which blocks until the client disconnects. Returning the
+            # body again would spin vLLM's disconnect listener forever and hang every request we pass on.
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
         headers = dict(scope.get("headers") or [])

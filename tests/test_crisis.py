@@ -69,3 +69,25 @@ def test_middleware_answers_risky_chat_without_the_model_and_keeps_auth(monkeypa
     assert r.json()["choices"][0]["message"]["content"] == "model reply" and len(calls) == 1
     r = client.post("/v1/chat/completions", json=risky)  # no key: passes through to the server's own auth
     assert len(calls) == 2
+
+
+def test_middleware_hands_the_body_over_once_then_the_real_channel(monkeypatch):
+    """vLLM listens on receive() for the client's disconnect while it generates; a guard that kept returning
+    the body made that listener spin and hung every ordinary request (seen with the real server)."""
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    seen = []
+
+    async def app(scope, receive, send):  # reads the body, answers, then waits for the disconnect like vLLM
+        first = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": first["body"]})
+        seen.append((await asyncio.wait_for(receive(), timeout=5))["type"])
+
+    monkeypatch.setenv("API_KEY", "")
+    client = TestClient(CrisisMiddleware(app))
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "I feel stressed at work"}]})
+    assert r.status_code == 200 and b"stressed" in r.content
+    assert seen == ["http.disconnect"]
