@@ -116,8 +116,7 @@ def run(name: str, model, tok, data: list[dict], args, packed: bool) -> dict:
     trainer = SFTTrainer(model=model, args=config, processing_class=tok, train_dataset=Dataset.from_list(data),
                          peft_config=lora, callbacks=[timer])
     if packed:  # what pipeline/training.py does on the CPU
-        fastpath.packed_attention(trainer.model.get_base_model())
-        fastpath.plain_lm_head(trainer)
+        fastpath.enable(trainer)
     trainer.train()
     hook.remove()
     times, tokens = timer.times[args.warmup:], timer.tokens[args.warmup:]
@@ -164,8 +163,8 @@ def main() -> None:
         "speedup_vs_naive": round(ours["tokens_per_s"] / naive["tokens_per_s"], 2),
         "fraction_of_bound": round(ours["tokens_per_s"] / bound, 3),
         "naive_fraction_of_bound": round(naive["tokens_per_s"] / bound, 3),
-        "config": {"lora_r": 16, "lora_dropout": args.lora_dropout,
-                   "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length, "batch": args.batch, "steps": args.steps,
+        "config": {"lora_r": 16, "lora_dropout": args.lora_dropout, "gradient_checkpointing": args.gradient_checkpointing,
+                   "max_length": args.max_length, "batch": args.batch, "steps": args.steps,
                    "dtype": "float32", "threads": torch.get_num_threads()},
     }
     print(f"\nSFT tokens/s, SmolLM2-135M, LoRA r=16, seq {args.max_length}, batch {args.batch}, fp32:")

@@ -50,6 +50,19 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
+def _inner(trainer):
+    """The transformers model inside the trainer's (possibly PEFT-wrapped) model."""
+    return trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+
+
+def enable(trainer):
+    """Both speed-ups on an SFTTrainer; returns (the callable that puts the attention back before saving,
+    whether the plain LM head replaced TRL's)."""
+    model = _inner(trainer)
+    previous = packed_attention(model)
+    return (lambda: restore_attention(model, previous)), plain_lm_head(trainer)
+
+
 def packed_attention(model) -> str:
     """Switch `model` to per-conversation attention; returns the implementation to restore before saving."""
     from transformers import AttentionInterface
@@ -81,7 +94,7 @@ def plain_lm_head(trainer) -> bool:
     import torch.nn.functional as F
     from trl.trainer.utils import FusedCausalLMOutput
 
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    model = _inner(trainer)
     if not _plain_head_ok(model.config) or getattr(trainer.args, "temperature", 1.0) not in (None, 1.0):
         return False
     trl_forward = model.forward  # TRL's patched forward: plain generation, or its kernel with fused_lm_head=True

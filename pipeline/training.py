@@ -368,11 +368,9 @@ def speed_up_on_cpu(trainer, ctx):
         return lambda: None
     from pipeline import fastpath
 
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    previous = fastpath.packed_attention(model)
-    if fastpath.plain_lm_head(trainer):
-        ctx.log("CPU fast path: per-conversation attention, LM head over labelled tokens only")
-    return lambda: fastpath.restore_attention(model, previous)
+    restore, plain_head = fastpath.enable(trainer)
+    ctx.log("CPU fast path: per-conversation attention" + (", LM head over labelled tokens only" if plain_head else ""))
+    return restore
 
 
 # ------------------------------------------------------------------------------------------- saving
