@@ -254,6 +254,9 @@ def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = Non
         if missing:
             raise PackError(f"stage '{target}' needs {', '.join(missing)}, not available yet")
         forced = {target} if force else set()
+    from pipeline.training import import_unsloth_first
+
+    import_unsloth_first([getattr(pack, s) for s in order if s in TRAIN_STAGES])
     with RunLock(run_dir):
         return [run_stage(pack, s, run_dir, force=s in forced) for s in order]
 

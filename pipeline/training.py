@@ -60,6 +60,16 @@ def resolve_backend(section: TrainStage, stage: str) -> str:
     return "unsloth"
 
 
+def import_unsloth_first(sections: list[TrainStage]) -> None:
+    """Unsloth patches transformers and TRL when it is imported, and applies fewer of its optimisations (with a
+    warning) when they were imported first, as the base stage does. The runner calls this before any stage."""
+    if any(getattr(s, "enabled", True) and s.backend != "hf" for s in sections) and cuda_available():
+        try:
+            import unsloth  # noqa: F401
+        except Exception:  # resolve_backend reports it (backend: unsloth) or falls back to hf (auto)
+            pass
+
+
 def load_model(model_dir: Path, section: TrainStage, backend: str):
     """(model, tokenizer) from a full-weight folder. float32 on CPU; bf16 (or 4-bit for QLoRA) on CUDA."""
     import torch
