@@ -8,7 +8,8 @@ Every request asks for exactly --max-tokens new tokens (vLLM `ignore_eos`, trans
 so both sides do the same work. vLLM: N client threads, each streaming its requests one after another with
 the official `openai` client (continuous batching happens in the server). transformers: its best plain
 setting, the N prompts of a round as one left-padded batch to `generate` (greedy, KV cache); its time to
-first token is when the first decoding step's logits are ready, the same moment for the whole batch. The
+first token is when the first decoding step's logits are ready, the same moment for the whole batch. Also
+printed: vLLM against a transformers server that answers one request at a time (its 1-stream rate). The
 vLLM server is started by serve.launch with the pack's serve settings; the target is vLLM >= 5x the
 transformers output tokens/s at 16 streams.
 """
@@ -215,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("speedup", {})[n] = ratio
             mark = ("  (target >= 5x: " + ("met" if ratio >= 5 else "NOT met") + ")") if n == 16 else ""
             print(f"  streams={n:3d}  {ratio:5.2f}x{mark}")
+        if 1 in levels:  # a server that calls generate for one request at a time serves N streams at the 1-stream rate
+            one = results["transformers"][1]["out_tok_per_s"]
+            results["speedup_vs_one_at_a_time"] = {n: results["vllm"][n]["out_tok_per_s"] / one for n in levels}
+            print("vLLM / transformers serving one request at a time (its 1-stream rate):")
+            for n in levels:
+                print(f"  streams={n:3d}  {results['speedup_vs_one_at_a_time'][n]:5.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
