@@ -10,7 +10,8 @@ not scored twice):
 - preference ranking on held-out pairs (eval.pref): is the length-normalised log-likelihood of `chosen`
   higher than of `rejected`, and by how much; for tuned models also the DPO implicit-reward accuracy with
   the base model as reference;
-- greedy answers to the pack's eval prompts, saved side by side in answers.jsonl;
+- greedy answers to the pack's eval prompts, saved side by side in answers.jsonl (the base and the final
+  model; `eval.answers: all` adds every stage's);
 - optionally, when the pack names an OpenAI-compatible judge, pairwise verdicts tuned vs base, each pair
   judged twice with the order swapped (a disagreement counts as a tie).
 Results are cached per model fingerprint under runs/<domain>/.cache/eval/, so changing the merge does
@@ -173,8 +174,9 @@ def eval_data(pack) -> dict:
     return data
 
 
-def score_model(model_dir: Path, pack, data: dict, ref_pairs: list | None, log) -> tuple[dict, list, list]:
-    """Metrics, per-pair (chosen, rejected) log-prob sums, and greedy answers of one model."""
+def score_model(model_dir: Path, pack, data: dict, ref_pairs: list | None, log,
+                answer: bool = True) -> tuple[dict, list, list]:
+    """Metrics, per-pair (chosen, rejected) log-prob sums, and greedy answers of one model (when `answer`)."""
     scorer = Scorer(model_dir)
     sp = pack.system_prompt
     metrics: dict = {}
@@ -197,7 +199,7 @@ def score_model(model_dir: Path, pack, data: dict, ref_pairs: list | None, log) 
         if ref_pairs is not None:
             metrics.update(implicit_reward_accuracy(pair_sums, ref_pairs, beta=pack.pref.beta))
     answers = []
-    if data["prompts"]:
+    if data["prompts"] and answer:
         log(f"  greedy answers to {len(data['prompts'])} prompts")
         answers = scorer.generate([with_system(as_messages(r["prompt"], "user"), sp) for r in data["prompts"]],
                                   pack.eval.max_new_tokens)
@@ -234,14 +236,17 @@ def run(ctx) -> dict:
         raise PackError(f"no base model in {ctx.run_dir}; run `make domain={pack.name} base` first")
 
     results, answers, ref_pairs = {}, {}, None
+    final = list(models)[-1]
     for stage, (path, fp) in models.items():
+        answer = pack.eval.answers == "all" or stage in ("base", final)
         cached = cache / f"{stage}-{fp}-{key}.json"
-        if cached.is_file():
+        entry = json.loads(cached.read_text()) if cached.is_file() else None
+        if entry and (entry["answers"] or not answer or not data["prompts"]):
             ctx.log(f"{stage}: cached scores (model fingerprint {fp})")
-            entry = json.loads(cached.read_text())
-        else:
+        else:  # not scored yet, or scored without answers while it was not the final model
             ctx.log(f"{stage}: scoring {path}")
-            metrics, pairs, gen = score_model(path, pack, data, None if stage == "base" else ref_pairs, ctx.log)
+            metrics, pairs, gen = score_model(path, pack, data, None if stage == "base" else ref_pairs, ctx.log,
+                                              answer)
             entry = {"metrics": metrics, "pairs": pairs, "answers": gen}
             tmp = cached.with_suffix(".tmp")
             tmp.write_text(json.dumps(entry))
@@ -262,7 +267,6 @@ def run(ctx) -> dict:
     if pack.eval.judge and data["prompts"]:
         from pipeline.judge import judge_run
 
-        tuned = list(models)[-1]
         summary["judge"] = judge_run(pack.eval.judge, [r["prompt"] for r in data["prompts"]],
-                                     answers[tuned], answers["base"], ctx.out / "judge.jsonl", ctx.log)
+                                     answers[final], answers["base"], ctx.out / "judge.jsonl", ctx.log)
     return summary

@@ -211,6 +211,10 @@ class EvalStage(Strict):
     prompts: list[Source] = Field(default_factory=list, description="prompts answered side by side")
     general_text: bool = Field(True, description="perplexity on shipped general English, to catch forgetting")
     max_new_tokens: int = Field(160, gt=0)
+    answers: Literal["final", "all"] = Field(
+        "final", description="whose greedy answers to the prompts: 'final' the base and the final model (what the "
+                             "report, judge and arena compare), 'all' every stage's too (slower: generation is most "
+                             "of eval's time)")
     judge: Judge | None = None
 
 

@@ -135,6 +135,34 @@ def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys
     assert "# toy model" in card and "held-out domain perplexity" in card
 
 
+def test_answers_come_from_base_and_final_model_unless_all(workspace, tiny_model_dir, tokenizer_dir, capsys):
+    make_pack(workspace, "toy", PACK, FILES)
+    run_dir = workspace / "runs" / "toy"
+    publish_model(run_dir, "base", tiny_model_dir, "fp-base")
+    publish_model(run_dir, "pref", build_tiny_model(workspace / "p", tokenizer_dir, seed=3), "fp-pref")
+    publish_model(run_dir, "merge", build_tiny_model(workspace / "m", tokenizer_dir, seed=4), "fp-merge")
+
+    def answered():
+        rows = [json.loads(line) for line in (run_dir / "eval" / "answers.jsonl").read_text().splitlines()]
+        return set(rows[0]) - {"prompt"}
+
+    runner.run_stage(load_pack("toy"), "eval", run_dir, module=evaluate)
+    assert list(json.loads((run_dir / "eval" / "metrics.json").read_text())) == ["base", "pref", "merge"]
+    assert answered() == {"base", "merge"}  # pref is scored but not asked to generate
+    assert "greedy answers" in capsys.readouterr().out
+
+    # merge gone: pref is now the final model; its cached scores lack answers, so it is scored again
+    shutil.rmtree(run_dir / "merge")
+    runner.run_stage(load_pack("toy"), "eval", run_dir, module=evaluate, force=True)
+    log = capsys.readouterr().out
+    assert "base: cached scores" in log and "pref: scoring" in log
+    assert answered() == {"base", "pref"}
+
+    publish_model(run_dir, "merge", build_tiny_model(workspace / "m", tokenizer_dir, seed=4), "fp-merge")
+    runner.run_stage(load_pack("toy", ["eval.answers=all"]), "eval", run_dir, module=evaluate)
+    assert answered() == {"base", "pref", "merge"}
+
+
 class JudgeHandler(BaseHTTPRequestHandler):
     """An OpenAI-compatible judge of the test's own: prefers the answer containing GOOD, or always 'A'."""
 
