@@ -50,7 +50,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def _inner(trainer):
+def inner_model(trainer):
     """The transformers model inside the trainer's (possibly PEFT-wrapped) model."""
     return trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
 
@@ -58,9 +58,27 @@ def _inner(trainer):
 def enable(trainer):
     """Both speed-ups on an SFTTrainer; returns (the callable that puts the attention back before saving,
     whether the plain LM head replaced TRL's)."""
-    model = _inner(trainer)
+    model = inner_model(trainer)
     previous = packed_attention(model)
     return (lambda: restore_attention(model, previous)), plain_lm_head(trainer)
+
+
+def compile_decoder_layers(model):
+    """torch.compile each decoder layer (dynamic shapes: packed batches change length every step). Inductor fuses
+    the elementwise work the matmuls leave on the table (RMSNorm, rotary, SiLU, PEFT's LoRA scaling and adds); the
+    per-conversation attention loop stays eager. The layers share one compiled graph, made on the first step.
+    Returns what puts the plain layers back. A model without `model.layers` is left alone."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return lambda: None
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+    def uncompile():
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+    return uncompile
 
 
 def packed_attention(model) -> str:
@@ -68,7 +86,11 @@ def packed_attention(model) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION, _packed_sdpa)
+    import torch
+
+    # compiled decoder layers (compile_decoder_layers) run this loop over conversations eagerly, a planned
+    # graph break instead of one dynamo warns about
+    AttentionInterface.register(ATTENTION, torch.compiler.disable(_packed_sdpa))
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # rows that are not packed still get their mask
     previous = model.config._attn_implementation
     if previous == "sdpa":
@@ -94,7 +116,7 @@ def plain_lm_head(trainer) -> bool:
     import torch.nn.functional as F
     from trl.trainer.utils import FusedCausalLMOutput
 
-    model = _inner(trainer)
+    model = inner_model(trainer)
     if not _plain_head_ok(model.config) or getattr(trainer.args, "temperature", 1.0) not in (None, 1.0):
         return False
     trl_forward = model.forward  # TRL's patched forward: plain generation, or its kernel with fused_lm_head=True

@@ -356,7 +356,9 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
                                                 if r.get("step") == 0 and "heldout_loss" in r), None)
     tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])  # after truncation/packing
     epoch_before = trainer.state.epoch or 0.0
+    uncompile = compile_for_training(trainer, ctx)
     trained = train(trainer, ctx)
+    uncompile()  # held-out loss and saving run the plain layers
     metrics.update(throughput(tokens_per_epoch, trained, epoch_before))
     if has_eval:
         metrics["eval_loss"] = held_out_loss(trainer.model, trainer)
@@ -369,6 +371,16 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
     ctx.log(f"train loss {metrics['train_loss']}, held-out loss {metrics.get('eval_loss_before')} -> "
             f"{metrics.get('eval_loss')}, {metrics['tokens_per_s']} tokens/s")
     return {k: v for k, v in metrics.items() if v is not None}
+
+
+def compile_for_training(trainer, ctx):
+    """`<stage>.compile: true` on the CPU: compiled decoder layers for the training steps; returns the undo."""
+    if cuda_available() or not getattr(getattr(ctx.pack, ctx.stage, None), "compile", False):
+        return lambda: None
+    from pipeline import fastpath
+
+    ctx.log("compiling the decoder layers (torch.compile; the first step takes ~35 s longer)")
+    return fastpath.compile_decoder_layers(fastpath.inner_model(trainer))
 
 
 def speed_up_on_cpu(trainer, ctx):

@@ -96,3 +96,25 @@ def test_plain_lm_head_equals_trl_kernel(model):
 def test_plain_lm_head_skips_soft_capped_models(model):
     model.config.final_logit_softcapping = 30.0
     assert not fastpath.plain_lm_head(types.SimpleNamespace(model=model, args=types.SimpleNamespace(temperature=1.0)))
+
+
+def test_compiled_decoder_layers_give_the_same_loss_and_gradients(model):
+    _, ids, positions = packed_row([6, 10, 8], model.config.vocab_size, seed=2)
+    fastpath.packed_attention(model)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads()
+    uncompile = fastpath.compile_decoder_layers(model)
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    compiled_loss, compiled_grads = loss_and_grads()
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-4)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    uncompile()
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert fastpath.compile_decoder_layers(torch.nn.Linear(2, 2))() is None  # no decoder layers: left alone
