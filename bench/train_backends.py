@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.runner import read_stage  # noqa: E402
 
 
 def random_model(config_dir: Path, out: Path) -> Path:
@@ -52,11 +55,6 @@ def run(stage: str, domain: str, overrides: list[str], runs: Path, log: Path, ti
         except subprocess.TimeoutExpired:
             rc = 124
     return rc, time.perf_counter() - start
-
-
-def metrics(runs: Path, domain: str, stage: str) -> dict:
-    path = runs / domain / stage / "stage.json"
-    return json.loads(path.read_text())["metrics"] if path.exists() else {}
 
 
 def main() -> int:
@@ -101,7 +99,7 @@ def main() -> int:
             over = chain + extra + [f"{s}.backend={backend}" for s in ("cpt", "sft", "pref")]
             rc, wall = run(target, args.domain, over, runs, log, args.timeout)
             for stage in stages:
-                m = metrics(runs, args.domain, stage) if rc == 0 else {}
+                m = ((read_stage(runs / args.domain, stage) or {}).get("metrics") or {}) if rc == 0 else {}
                 label = stage if name == "chain" else f"{stage} ({name})"
                 rows.append({"stage": label, "backend": backend, "rc": rc, "tokens_per_s": m.get("tokens_per_s"),
                              "train_loss": m.get("train_loss"), "used": m.get("backend"),

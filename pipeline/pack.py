@@ -132,8 +132,8 @@ class TrainStage(Strict):
                                                 "default: on with a GPU (memory), off on the CPU (~25% faster)")
 
 
-COMPILE = ("CPU: torch.compile the decoder layers; measured on SmolLM2 with 2 cores: ~16% faster steps after "
-           "a ~35 s compile on the first one, so worth it from about 30 steps (bench/train_throughput.py)")
+COMPILE = ("CPU: torch.compile the decoder layers; measured on SmolLM2 with 2 cores: ~14% faster steps after "
+           "a 7-35 s compile in the first one, so worth it from about 30 steps (bench/train_throughput.py)")
 
 
 class CptStage(TrainStage):

@@ -379,7 +379,7 @@ def compile_for_training(trainer, ctx):
         return lambda: None
     from pipeline import fastpath
 
-    ctx.log("compiling the decoder layers (torch.compile; the first step takes ~35 s longer)")
+    ctx.log("compiling the decoder layers (torch.compile; the first step takes 7-35 s longer)")
     return fastpath.compile_decoder_layers(fastpath.inner_model(trainer))
 
 
