@@ -12,6 +12,12 @@ first token is when the first decoding step's logits are ready, the same moment 
 printed: vLLM against a transformers server that answers one request at a time (its 1-stream rate). The
 vLLM server is started by serve.launch with the pack's serve settings; the target is vLLM >= 5x the
 transformers output tokens/s at 16 streams.
+
+On the CPU it also prints the floor under any server's decoding step on this machine: the model's matrix
+multiplies for N sequences (the fused q/k/v and gate/up projections, o, down and the LM head) timed with
+oneDNN on prepacked weights, which is what vLLM's CPU backend calls, and with torch.nn.functional.linear,
+which is what transformers calls. A decoding step cannot be faster than its matrix multiplies, so N divided
+by that time is a ceiling on the tokens/s of N streams, before attention, sampling, HTTP or prefill.
 """
 from __future__ import annotations
 
@@ -115,6 +121,8 @@ def bench_transformers(model, tokenizer, streams: int, rounds: int, max_tokens: 
 
         def __call__(self, input_ids, scores):
             if self.at is None:
+                if scores.is_cuda:
+                    torch.cuda.synchronize()
                 self.at = time.perf_counter()
             return scores
 
@@ -122,17 +130,73 @@ def bench_transformers(model, tokenizer, streams: int, rounds: int, max_tokens: 
     for r in range(rounds):
         texts = [tokenizer.apply_chat_template(messages(w * rounds + r, system), tokenize=False,
                                                add_generation_prompt=True) for w in range(streams)]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         hook = FirstToken()
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                                  logits_processor=LogitsProcessorList([hook]), pad_token_id=tokenizer.pad_token_id)
+        if out.is_cuda:
+            torch.cuda.synchronize()
         wall += time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1]:]
         tokens += int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else new.numel()
         ttfts += [hook.at - start] * streams
     return summary(wall, ttfts, tokens, streams * rounds)
+
+
+# ----------------------------------------------------------------------------- matrix-multiply floor
+
+
+def decode_matmuls(model) -> list:
+    """The weight matrices one decoding step multiplies by, fused the way vLLM fuses Llama-family layers
+    (q/k/v into one matrix, gate/up into one); other architectures are taken one Linear at a time."""
+    import torch
+
+    mats = []
+    for layer in model.model.layers:
+        linears = {name.rsplit(".", 1)[-1]: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if all(g in linears for g in group):
+                mats.append(torch.cat([linears.pop(g).weight.detach() for g in group]))
+        mats += [m.weight.detach() for m in linears.values()]
+    mats.append(model.get_output_embeddings().weight.detach())
+    return mats
+
+
+def matmul_floor(model, levels: list[int], reps: int = 5) -> dict:
+    """Best-of-`reps` milliseconds for one decoding step's matrix multiplies at each number of sequences:
+    oneDNN with prepacked weights (vLLM's CPU GEMM, when the vLLM build has it) and torch's linear."""
+    import torch
+
+    mats = [w.float().contiguous() for w in decode_matmuls(model)]
+    try:
+        from vllm import _custom_ops as ops
+        handles = [ops.create_onednn_mm(w.t(), 32) for w in mats] if ops._supports_onednn else None
+    except Exception:  # another vLLM build: report torch's number only
+        handles = None
+
+    def best(step, n: int) -> float:
+        inputs = {k: torch.randn(n, k) for k in {w.shape[1] for w in mats}}
+        step(inputs)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            step(inputs)
+            times.append(time.perf_counter() - start)
+        return min(times) * 1000
+
+    out = {"weights_mb": sum(w.numel() for w in mats) * 4 / 1e6}
+    with torch.inference_mode():
+        for n in levels:
+            row = {"torch_linear_ms": best(lambda x: [torch.nn.functional.linear(x[w.shape[1]], w) for w in mats], n)}
+            if handles:
+                row["onednn_ms"] = best(lambda x: [ops.onednn_mm(h, x[w.shape[1]], None)
+                                                   for h, w in zip(handles, mats)], n)
+            fastest = min(row.values())
+            row["ceiling_tok_per_s"] = n / fastest * 1000
+            out[n] = row
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -203,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.hf_dtype)).eval()
+        device = "cuda" if on_cuda() else "cpu"  # the baseline runs where vLLM ran
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.hf_dtype)).to(device).eval()
         bench_transformers(hf, tokenizer, 1, 1, 4, pack.system_prompt)  # warm-up
         for n in levels:
             results["transformers"][n] = r = bench_transformers(hf, tokenizer, n, args.rounds, args.max_tokens,
@@ -222,6 +287,19 @@ def main(argv: list[str] | None = None) -> int:
             print("vLLM / transformers serving one request at a time (its 1-stream rate):")
             for n in levels:
                 print(f"  streams={n:3d}  {results['speedup_vs_one_at_a_time'][n]:5.2f}x")
+        if device == "cpu":
+            results["matmul_floor"] = floor = matmul_floor(hf, levels)
+            print(f"\nFloor of a decoding step on this CPU: its matrix multiplies alone ({floor['weights_mb']:.0f} MB "
+                  f"of float32 weights; best of 5):")
+            for n in levels:
+                row = floor[n]
+                onednn = f"oneDNN (vLLM) {row['onednn_ms']:6.1f} ms, " if "onednn_ms" in row else ""
+                print(f"  sequences={n:3d}  {onednn}torch linear (transformers) {row['torch_linear_ms']:6.1f} ms"
+                      f"  -> at most {row['ceiling_tok_per_s']:6.1f} tok/s of decoding for any server")
+            if 16 in levels:
+                need = 5 * results["transformers"][16]["out_tok_per_s"]
+                print(f"  5x the transformers baseline at 16 streams needs {need:.1f} tok/s; the matmul ceiling is "
+                      f"{floor[16]['ceiling_tok_per_s']:.1f} tok/s before attention, sampling, HTTP and prefill")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
