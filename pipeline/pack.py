@@ -235,6 +235,10 @@ class ServeStage(Strict):
                             "else float32 (emulated bfloat16 is 2-3x slower)")
     compile: bool = Field(False, description="CPU: let vLLM torch.compile the model instead of --enforce-eager "
                                              "(a slower start, faster decoding; see bench/serve_throughput.py)")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="int8: serve W8A8 int8 copies of the tuned and the base model (SmoothQuant-calibrated on "
+                            "the pack's conversations, made once under runs/<domain>/serve/int8/); faster decoding "
+                            "on a CPU for about 1-2% higher perplexity, see serve/quantize.py")
     kv_cache_gib: int = Field(1, gt=0, description="KV cache GiB per server on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
     ready_timeout_s: int = Field(600, gt=0, description="a server not listing its model by then is stopped")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=0.95, description="per server on CUDA")

@@ -367,6 +367,10 @@ def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = F
         raise PackError(f"serve.gpu_memory_utilization={cfg.gpu_memory_utilization} is per server and two "
                         "servers share the GPU: use at most 0.47")
 
+    if cfg.quantization == "int8":
+        from serve.quantize import served_copies
+
+        tuned_dir, base_dir = served_copies(pack, run_dir, tuned_dir, base_dir, say)
     key = api_key(serve_dir)
     tie = not detach
     names = {"tuned": [pack.name], "base": [f"{pack.name}-base"]}
