@@ -339,17 +339,21 @@ def load_pack(domain: str, overrides: list[str] | tuple[str, ...] = ()) -> Pack:
     try:
         pack = Pack.model_validate(raw)
     except ValidationError as e:
-        problems = [_explain(err, where, node, raw) for err in e.errors()]
+        given = {item.split("=", 1)[0].strip(): item for item in overrides}
+        problems = [_explain(err, where, node, raw, given) for err in e.errors()]
         raise PackError(sorted(problems, key=_line_number), f"{where} is not valid")
     pack._dir = path.parent
     return pack
 
 
-def _explain(err: dict, where: str, node: Any, raw: dict) -> str:
+def _explain(err: dict, where: str, node: Any, raw: dict, given: dict[str, str] | None = None) -> str:
     loc = _clean_loc(raw, err["loc"])
     key = ".".join(loc) or "(top level)"
     line = _line_of(node, loc)
     at = f"{where}:{line}" if line else where
+    set_by = [item for path, item in (given or {}).items() if key == path or key.startswith(path + ".")]
+    if set_by:  # the value came from the command line, not from the file
+        at = f"override {set_by[0]!r}"
     if err["type"] == "extra_forbidden":
         parent_model = _model_at(loc[:-1])
         choices = list(parent_model.model_fields) if parent_model else []

@@ -91,6 +91,8 @@ def test_overrides_reach_nested_keys_lists_and_free_form_mappings(workspace):
     ("cpt.datasets.x=1", "override 'cpt.datasets.x': 'cpt.datasets' is a list; index it with a number"),
     ("cpt.datasets.5.path=a.jsonl", "override 'cpt.datasets.5.path': index 5 is past the end of the list (1 items)"),
     ("nonsense", "override 'nonsense': write it as key.path=value, e.g. sft.learning_rate=1e-4"),
+    # A value the schema refuses: named by the override that set it, not by a line of the file.
+    ("sft.tuning=lorra", "override 'sft.tuning=lorra': sft.tuning: Input should be 'lora', 'qlora' or 'full' (got 'lorra')"),
 ])
 def test_bad_overrides(workspace, override, expected):
     make_pack(workspace, "toy", GOOD, GOOD_FILES)
