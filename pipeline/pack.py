@@ -234,7 +234,8 @@ class ServeStage(Strict):
         "auto", description="auto: the model's own on CUDA; on CPU bfloat16 where the CPU computes it natively, "
                             "else float32 (emulated bfloat16 is 2-3x slower)")
     compile: bool = Field(False, description="CPU: let vLLM torch.compile the model instead of --enforce-eager "
-                                             "(a slower start, faster decoding; see bench/serve_throughput.py)")
+                                             "(a start ~90 s longer; with quantization=int8 1.5x the tokens/s, in "
+                                             "float32 little gain; see bench/serve_throughput.py)")
     quantization: Literal["none", "int8"] = Field(
         "none", description="int8: serve W8A8 int8 copies of the tuned and the base model (SmoothQuant-calibrated on "
                             "the pack's conversations, made once under runs/<domain>/serve/int8/); faster decoding "

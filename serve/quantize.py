@@ -164,7 +164,7 @@ def perplexity(model, batches) -> float:
 # ------------------------------------------------------------------------------------------ the copy
 
 
-def write_int8(model, src: Path, dst: Path, alpha: float) -> None:
+def write_int8(model, src: Path, dst: Path) -> None:
     """The compressed-tensors W8A8 checkpoint: int8 `weight` + `weight_scale` per quantized Linear, every
     other tensor as the source stored it, the source's tokenizer and template files copied verbatim."""
     import torch
@@ -172,19 +172,16 @@ def write_int8(model, src: Path, dst: Path, alpha: float) -> None:
 
     config = json.loads((src / "config.json").read_text())
     dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
-    state = {k: v for k, v in model.state_dict().items()}
+    out = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    out = {}
-    for k, v in state.items():
-        out[k] = v.detach().to(dtype).contiguous()
+        out.pop("lm_head.weight", None)  # stored once, as the embeddings
     for name in quantized_names(model):
         q, scale = quantize_rows(model.get_submodule(name).weight.detach().float())
         out[f"{name}.weight"] = q.contiguous()
         out[f"{name}.weight_scale"] = scale.to(dtype).contiguous()
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        if f.is_file() and f.suffix not in WEIGHT_FILES and f.name not in ("config.json",) \
+        if f.is_file() and f.suffix not in WEIGHT_FILES and f.name != "config.json" \
                 and not f.name.endswith(".index.json"):
             shutil.copy2(f, dst / f.name)
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
@@ -195,7 +192,6 @@ def write_int8(model, src: Path, dst: Path, alpha: float) -> None:
                                       "weights": {**int8, "strategy": "channel", "dynamic": False},
                                       "input_activations": {**int8, "strategy": "token", "dynamic": True}}},
         "ignore": ["lm_head"],
-        "smoothquant_alpha": alpha,
     }
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -244,7 +240,7 @@ def int8_copy(src: Path, dst: Path, calibration: list[str], held_out: list[str],
         undo()
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_int8(model, src, tmp, alpha)
+    write_int8(model, src, tmp)
     info = {"key": key, "source": str(src), "alpha": alpha, "calibration_texts": len(calibration),
             "held_out_texts": len(held_out), "perplexity_float": ppl_float, "perplexity_int8_emulated": ppl_int8,
             "seconds": round(time.perf_counter() - start, 1)}
