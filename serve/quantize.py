@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -29,7 +28,6 @@ from pipeline.pack import Pack, PackError, show_path
 
 ALPHA = 0.5  # SmoothQuant's migration strength: the paper's default; 0.5-0.7 measured best on finance
 CALIBRATION_ROWS = 32
-EVAL_ROWS = 16
 MAX_TOKENS = 512
 WEIGHT_FILES = (".safetensors", ".bin", ".pt")
 
@@ -77,9 +75,10 @@ def input_maxima(model, batches) -> list[dict]:
     """Per layer, the largest |value| of each input channel of q/k/v, gate/up and down over the batches."""
     import torch
 
-    found = [dict() for _ in blocks(model)]
+    layers = blocks(model)
+    found = [dict() for _ in layers]
     hooks = []
-    for i, b in enumerate(blocks(model)):
+    for i, b in enumerate(layers):
         for key in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
             def record(module, args, i=i, key=key):
                 x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
@@ -147,20 +146,6 @@ def emulate_int8(model):
     return undo
 
 
-def perplexity(model, batches) -> float:
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for ids in batches:
-            if ids.shape[1] < 2:
-                continue
-            loss = model(ids, labels=ids).loss.item()
-            nll += loss * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    return math.exp(nll / count) if count else float("nan")
-
-
 # ------------------------------------------------------------------------------------------ the copy
 
 
@@ -211,8 +196,7 @@ def source_key(src: Path, calibration: list[str], alpha: float) -> str:
 def int8_copy(src: Path, dst: Path, calibration: list[str], held_out: list[str], alpha: float = ALPHA,
               say=print) -> Path:
     """dst, an int8 W8A8 copy of the model folder src (made now, or reused when src and the data are the same)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline.evaluate import Scorer, perplexity_from_nll
 
     if not calibration:
         raise PackError("serve.quantization=int8 calibrates on the pack's sft (or cpt) data, and it has none: "
@@ -224,20 +208,19 @@ def int8_copy(src: Path, dst: Path, calibration: list[str], held_out: list[str],
     start = time.perf_counter()
     say(f"[serve] making an int8 copy of {show_path(src)} in {show_path(dst)} "
         f"(SmoothQuant alpha {alpha} on {len(calibration)} of the pack's texts)")
-    tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    scorer = Scorer(src)  # the eval stage's: the same held-out perplexity as the report's domain_ppl
+    model = scorer.model
 
-    def ids(texts):
-        return [tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :MAX_TOKENS] for t in texts]
+    def ppl():
+        return perplexity_from_nll(*scorer.text_nll(held_out)) if held_out else None
 
-    calib, evals = ids(calibration), ids(held_out)
-    ppl_float = perplexity(model, evals) if evals else None
+    calib = [scorer.tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :MAX_TOKENS]
+             for t in calibration]
+    ppl_float = ppl()
     smooth(model, input_maxima(model, calib), alpha)
-    ppl_int8 = None
-    if evals:
-        undo = emulate_int8(model)
-        ppl_int8 = perplexity(model, evals)
-        undo()
+    undo = emulate_int8(model)
+    ppl_int8 = ppl()
+    undo()
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write_int8(model, src, tmp)
@@ -248,7 +231,7 @@ def int8_copy(src: Path, dst: Path, calibration: list[str], held_out: list[str],
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     change = (f"; held-out perplexity {ppl_float:.2f} -> {ppl_int8:.2f} ({100 * (ppl_int8 / ppl_float - 1):+.1f}%, "
-              f"int8 emulated)" if evals else "")
+              f"int8 emulated)" if held_out else "")
     say(f"[serve] int8 copy ready in {info['seconds']:.0f} s{change}")
     return dst
 
@@ -259,19 +242,18 @@ def pack_texts(pack: Pack, tokenizer_dir: Path) -> tuple[list[str], list[str]]:
     from transformers import AutoTokenizer
 
     from pipeline.data import load_rows
+    from pipeline.evaluate import with_system
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     calibration, held_out = [], []
     if pack.sft.enabled and pack.sources("sft"):
         for row in load_rows(pack, pack.sources("sft"), "chat", "sft")[:CALIBRATION_ROWS]:
-            messages = row["messages"]
-            if pack.system_prompt and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": pack.system_prompt}, *messages]
-            calibration.append(tok.apply_chat_template(messages, tokenize=False))
+            calibration.append(tok.apply_chat_template(with_system(row["messages"], pack.system_prompt),
+                                                       tokenize=False))
     if pack.cpt.enabled and pack.sources("cpt"):
         calibration += [r["text"] for r in load_rows(pack, pack.sources("cpt"), "text", "cpt")[:CALIBRATION_ROWS // 2]]
     if pack.eval.enabled and pack.eval.text:
-        held_out = [r["text"] for r in load_rows(pack, pack.eval.text, "text", "eval.text")[:EVAL_ROWS]]
+        held_out = [r["text"] for r in load_rows(pack, pack.eval.text, "text", "eval.text")]
     return calibration, held_out
 
 
