@@ -204,7 +204,9 @@ def matmul_floor(model, levels: list[int], reps: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.pack import PackError, load_pack, runs_dir
+    from core.errors import PackError
+    from core.layout import runs_dir
+    from core.pack import load_pack
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.streams.split(",")]
 
-    from pipeline.runner import model_dir
+    from core.layout import model_dir
     from serve.launch import on_cuda, serve_dtype, start_vllm, stop, wait_ready
 
     try:

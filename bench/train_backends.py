@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.runner import read_stage  # noqa: E402
+from core.layout import read_stage  # noqa: E402
 
 
 def random_model(config_dir: Path, out: Path) -> Path:

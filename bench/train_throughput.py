@@ -59,8 +59,7 @@ def load_model(model: str):
 
 
 def conversations(path: Path, tok, system_prompt: str) -> list[dict]:
-    from pipeline.sft import tokenize_conversation
-    from pipeline.training import with_system
+    from core.chat import tokenize_conversation, with_system
 
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = []
@@ -145,7 +144,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     if args.lora_dropout is None:
-        from pipeline.pack import Lora
+        from core.schema import Lora
 
         args.lora_dropout = Lora().lora_dropout
 

@@ -1,0 +1,1 @@
+"""Merging: mergekit recipes over stage names, pre/post-merge checks, running mergekit, the SLERP t search."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.pack import PackError, show_path
+from core.errors import PackError, show_path
 
 # Config keys that decide whether two checkpoints' tensors line up one to one.
 SHAPE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",

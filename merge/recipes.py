@@ -15,19 +15,16 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from pipeline.pack import Pack, PackError, show_path
+from core.errors import PackError, show_path
+from core.layout import model_dir
+from core.schema import Pack
+from core.stages import MERGE_REFS, stage_of_ref
 
-STAGE_REFS = ("base", "cpt", "sft", "pref", "tuned")
 REF_KEYS = ("model", "base_model")
 # Keys that would give the output another tokenizer than the base model's; the stage always keeps the
 # base tokenizer, chat template and generation config (what the serving parity check relies on).
 TOKENIZER_KEYS = ("tokenizer", "tokenizer_source", "chat_template")
 NONE = "none"
-
-
-def stage_of(ref: str) -> str:
-    """The runner's stage name behind a reference: 'tuned' is pref's output (which follows disabled stages)."""
-    return "pref" if ref == "tuned" else ref
 
 
 def _refs(node: Any, path: str = "merge.config"):
@@ -79,9 +76,9 @@ def check_recipe(pack: Pack) -> list[str]:
                             "base model's tokenizer, chat template and generation config. Remove the key.")
     refs = list(_refs(config))
     for key, ref in refs:
-        if ref not in STAGE_REFS:
-            hint = difflib.get_close_matches(ref, STAGE_REFS, n=1)
-            fix = f"did you mean '{hint[0]}'?" if hint else f"use one of {', '.join(STAGE_REFS)}"
+        if ref not in MERGE_REFS:
+            hint = difflib.get_close_matches(ref, MERGE_REFS, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"use one of {', '.join(MERGE_REFS)}"
             problems.append(f"{where}: {key}: '{ref}' is not a stage ({fix}); models are named by the "
                             "stage that produced them, 'tuned' being the last enabled training stage")
     if method == NONE:
@@ -162,8 +159,6 @@ def resolve(pack: Pack, run_dir: Path) -> tuple[dict, dict[str, Path]]:
     """(the config with stage names replaced by model folders, {stage name: model folder}).
 
     Raises PackError for an invalid recipe or a stage without a model."""
-    from pipeline.runner import model_dir
-
     problems = check_recipe(pack)
     if problems:
         raise PackError(problems, "merge.config has problems")
@@ -172,6 +167,6 @@ def resolve(pack: Pack, run_dir: Path) -> tuple[dict, dict[str, Path]]:
     if config.get("merge_method") == NONE:
         names = passthrough_ref(config)
     else:
-        names = sorted({ref for _, ref in _refs(config)}, key=STAGE_REFS.index)
-    folders = {name: model_dir(run_dir, stage_of(name)) for name in names}
+        names = sorted({ref for _, ref in _refs(config)}, key=MERGE_REFS.index)
+    folders = {name: model_dir(run_dir, stage_of_ref(name)) for name in names}
     return _replace_refs(config, {k: str(v) for k, v in folders.items()}), folders

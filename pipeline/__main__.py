@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.pack import PackError
+from core import cli
+from core.errors import PackError
+from core.stages import STAGES
 
 EPILOG = """overrides: any pack key as key.path=value, e.g. sft.learning_rate=1e-4, data=hub,
   pref.method=orpo, cpt.enabled=false, eval.prompts.0.path=data/other.jsonl (see `keys`).
@@ -19,8 +21,6 @@ environment: RUNS_DIR (default ./runs), DOMAINS_DIR (default ./domains), HF_HUB_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.runner import STAGES
-
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,37 +42,33 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
 
-    try:
-        if args.command == "keys":
-            from pipeline.pack import describe
+    return cli.run(lambda: _command(args))
 
-            print("\n".join(describe()))
-            return 0
-        from pipeline.pack import load_pack
 
-        pack = load_pack(args.domain, args.overrides)
-        if args.command == "show":
-            import yaml
+def _command(args) -> None:
+    if args.command == "keys":
+        from core.overrides import describe
 
-            print(yaml.safe_dump(pack.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
-        elif args.command == "validate":
-            from pipeline.data import validate_data
+        print("\n".join(describe()))
+        return
+    from core.pack import load_pack
 
-            problems = validate_data(pack)
-            if problems:
-                raise PackError(problems, f"domain '{pack.name}' has problems")
-            print(f"{pack.name}: pack.yaml and its data are valid")
-        else:
-            from pipeline.runner import run
+    pack = load_pack(args.domain, args.overrides)
+    if args.command == "show":
+        import yaml
 
-            run(pack, args.stage, force=args.force)
-    except PackError as e:
-        print(e.render(), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished stages are intact; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+        print(yaml.safe_dump(pack.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+    elif args.command == "validate":
+        from pipeline.validate import validate_data
+
+        problems = validate_data(pack)
+        if problems:
+            raise PackError(problems, f"domain '{pack.name}' has problems")
+        print(f"{pack.name}: pack.yaml and its data are valid")
+    else:
+        from pipeline.runner import run
+
+        run(pack, args.stage, force=args.force)
 
 
 if __name__ == "__main__":

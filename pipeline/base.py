@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pipeline.pack import EMBEDDED, PackError
+from core.errors import PackError
+from core.schema import EMBEDDED
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "

@@ -11,14 +11,15 @@ of the text (eval_fraction) gives the loss before and after.
 """
 from __future__ import annotations
 
+from core.rows import load_rows
 from pipeline import training
-from pipeline.data import load_rows
+from pipeline.backend import load_model, lora_config, resolve_backend
 
 
 def run(ctx, callbacks=()) -> dict:
     section, pack = ctx.pack.cpt, ctx.pack
     training.check_learning_rate(section, "cpt")
-    backend = training.resolve_backend(section, "cpt")
+    backend = resolve_backend(section, "cpt")
     rows = load_rows(pack, pack.sources("cpt"), "text", "cpt.datasets")
 
     from datasets import Dataset
@@ -27,7 +28,7 @@ def run(ctx, callbacks=()) -> dict:
 
     set_seed(section.seed)
     input_dir = ctx.input_model()
-    model, tokenizer = training.load_model(input_dir, section, backend)
+    model, tokenizer = load_model(input_dir, section, backend)
     train_rows, eval_rows = training.split_rows(rows, section.eval_fraction, section.seed)
     ctx.log(f"{len(train_rows)} documents for training, {len(eval_rows)} held out; backend {backend}")
 
@@ -39,7 +40,7 @@ def run(ctx, callbacks=()) -> dict:
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        peft_config=training.lora_config(section, backend, train_embeddings=section.train_embeddings),
+        peft_config=lora_config(section, backend, train_embeddings=section.train_embeddings),
         callbacks=[training.log_callback(ctx.out / "log.jsonl"), *callbacks],
     )
     metrics = {"backend": backend, "tuning": section.tuning, "train_rows": len(train_rows),

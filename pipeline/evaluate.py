@@ -15,155 +15,25 @@ not scored twice):
 - optionally, when the pack names an OpenAI-compatible judge, pairwise verdicts tuned vs base, each pair
   judged twice with the order swapped (a disagreement counts as a tie).
 Results are cached per model fingerprint under runs/<domain>/.cache/eval/, so changing the merge does
-not re-score the unchanged training stages.
+not re-score the unchanged training stages. The scoring itself is core/scoring.py's (merge search and the int8
+serving copy use the same).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
-from pipeline.data import EVAL_KIND, file_digest, load_rows
-from pipeline.pack import PackError
-from pipeline.runner import read_stage, stage_config
+from core.chat import as_messages, with_system
+from core.errors import PackError
+from core.layout import eval_cache, read_stage
+from core.rows import EVAL_KIND, file_digest, load_rows
+from core.scoring import Scorer, implicit_reward_accuracy, perplexity_from_nll, ranking_metrics
+from core.stages import MODEL_STAGES
+from pipeline.runner import stage_config
 
-MODEL_STAGES = ("base", "cpt", "sft", "pref", "merge")
 GENERAL_TEXT = Path(__file__).parent / "assets" / "general_en.txt"
-MAX_TOKENS = 1024  # longest sequence scored; longer texts are cut into windows of this size
-
-
-# ----------------------------------------------------------------------------------- pure metrics
-
-
-def perplexity_from_nll(total_nll: float, n_tokens: int) -> float:
-    return math.exp(total_nll / max(n_tokens, 1))
-
-
-def ranking_metrics(chosen: list[tuple[float, int]], rejected: list[tuple[float, int]]) -> dict:
-    """Accuracy and mean margin of length-normalised log-likelihoods, from (sum logp, n tokens) pairs."""
-    margins = [c / max(cn, 1) - r / max(rn, 1) for (c, cn), (r, rn) in zip(chosen, rejected)]
-    return {
-        "pref_accuracy": sum(m > 0 for m in margins) / len(margins),
-        "pref_margin": sum(margins) / len(margins),
-    }
-
-
-def implicit_reward_accuracy(policy: list[tuple[float, float]], reference: list[tuple[float, float]],
-                             beta: float = 0.1) -> dict:
-    """DPO's implicit reward r = beta * (log pi(y|x) - log ref(y|x)); (chosen, rejected) sums per pair."""
-    diffs = [beta * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(policy, reference)]
-    return {"reward_accuracy": sum(d > 0 for d in diffs) / len(diffs), "reward_margin": sum(diffs) / len(diffs)}
-
-
-# ------------------------------------------------------------------------------------ model scoring
-
-
-class Scorer:
-    """Log-likelihoods from one causal LM, batched, with the chat template of its own folder."""
-
-    def __init__(self, model_dir: Path, batch_size: int = 8):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.batch_size = batch_size
-
-    def _nll(self, sequences: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
-        """(sum of -log p, count) over the target positions of each (ids, mask) sequence."""
-        torch = self.torch
-        out = []
-        for i in range(0, len(sequences), self.batch_size):
-            batch = sequences[i:i + self.batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), width), self.tok.pad_token_id)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            target = torch.zeros((len(batch), width), dtype=torch.bool)
-            for j, (seq, mask) in enumerate(batch):
-                ids[j, :len(seq)] = torch.tensor(seq)
-                attn[j, :len(seq)] = 1
-                target[j, :len(seq)] = torch.tensor(mask, dtype=torch.bool)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            keep = target[:, 1:]
-            for j in range(len(batch)):
-                out.append((float(-(logp[j] * keep[j]).sum()), int(keep[j].sum())))
-        return out
-
-    def text_nll(self, texts: list[str]) -> tuple[float, int]:
-        seqs = []
-        for text in texts:
-            ids = self.tok(text, add_special_tokens=True)["input_ids"]
-            for s in range(0, len(ids), MAX_TOKENS):
-                window = ids[s:s + MAX_TOKENS]
-                if len(window) > 1:
-                    seqs.append((window, [0] + [1] * (len(window) - 1)))
-        scores = self._nll(seqs)
-        return sum(s for s, _ in scores), sum(n for _, n in scores)
-
-    def render(self, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-        return self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                            return_dict=True)["input_ids"]
-
-    def assistant_sequence(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """Token ids of a conversation and a mask that is 1 on the assistant turns only."""
-        ids = self.render(messages)
-        mask = [0] * len(ids)
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(self.render(messages[:k], generation_prompt=True))
-            end = len(self.render(messages[:k + 1]))
-            mask[start:end] = [1] * (end - start)
-        return ids[:MAX_TOKENS], mask[:MAX_TOKENS]
-
-    def conversation_nll(self, conversations: list[list[dict]]) -> tuple[float, int]:
-        scores = self._nll([self.assistant_sequence(c) for c in conversations])
-        return sum(s for s, _ in scores), sum(n for _, n in scores)
-
-    def completion_logps(self, prompts: list[list[dict]], completions: list[list[dict]]) -> list[tuple[float, int]]:
-        """(sum log p, n tokens) of each completion (assistant messages) after its prompt messages."""
-        seqs = []
-        for prompt, completion in zip(prompts, completions):
-            ids = self.render(prompt + completion)
-            start = len(self.render(prompt, generation_prompt=True))
-            seqs.append((ids[:MAX_TOKENS], ([0] * start + [1] * (len(ids) - start))[:MAX_TOKENS]))
-        return [(-s, n) for s, n in self._nll(seqs)]
-
-    def generate(self, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-        torch = self.torch
-        self.tok.padding_side = "left"
-        answers = []
-        for i in range(0, len(prompts), self.batch_size):
-            texts = [self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[i:i + self.batch_size]]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=self.tok.pad_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                answers.append(self.tok.decode(row, skip_special_tokens=True).strip())
-        self.tok.padding_side = "right"
-        return answers
-
-
-def as_messages(value, role: str) -> list[dict]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
-
-
-def with_system(messages: list[dict], system_prompt: str) -> list[dict]:
-    if system_prompt and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system_prompt}] + messages
-    return messages
-
-
-# ---------------------------------------------------------------------------------------- the stage
 
 
 def eval_data(pack) -> dict:
@@ -219,7 +89,7 @@ def run(ctx) -> dict:
     pack = ctx.pack
     data = eval_data(pack)
     key = _eval_key(pack, ctx)
-    cache = ctx.run_dir / ".cache" / "eval"
+    cache = eval_cache(ctx.run_dir)
     cache.mkdir(parents=True, exist_ok=True)
 
     models, seen = {}, set()

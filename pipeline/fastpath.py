@@ -83,10 +83,9 @@ def compile_decoder_layers(model):
 
 def packed_attention(model) -> str:
     """Switch `model` to per-conversation attention; returns the implementation to restore before saving."""
+    import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    import torch
 
     # compiled decoder layers (compile_decoder_layers) run this loop over conversations eagerly, a planned
     # graph break instead of one dynamo warns about

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.pack import PackError
+from core.errors import PackError
 
 INSTRUCTIONS = (
     "You compare two answers to the same user request. Judge helpfulness, correctness, safety and "
@@ -44,7 +44,7 @@ def judge_pair(client, model: str, prompt: str, tuned: str, base: str) -> tuple[
 def judge_run(judge, prompts: list[str], tuned: list[str], base: list[str], out: Path, log) -> dict:
     from openai import OpenAI
 
-    from serve.stats import Battle, summarise
+    from core.stats import Battle, summarise
 
     key = os.environ.get(judge.api_key_env, "")
     if not key:

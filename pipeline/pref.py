@@ -12,13 +12,12 @@ log.jsonl records the loss and the reward margins and accuracies (chosen beats r
 """
 from __future__ import annotations
 
+from core.chat import as_messages, with_system
+from core.errors import PackError, show_path
+from core.rows import load_rows
+from core.runlog import append_log
 from pipeline import training
-from pipeline.data import load_rows
-from pipeline.pack import PackError, show_path
-
-
-def as_messages(value, role: str) -> list[dict]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+from pipeline.backend import load_model, lora_config, resolve_backend
 
 
 def render_len(tokenizer, messages: list[dict]) -> int:
@@ -29,7 +28,7 @@ def prepare_pairs(rows: list[dict], tokenizer, system_prompt: str, max_length: i
     """(conversational pairs that fit, number dropped as too long, tokens of one pass over the kept pairs)."""
     pairs, dropped, tokens, same = [], 0, 0, []
     for n, row in enumerate(rows, 1):
-        pair = {"prompt": training.with_system(as_messages(row["prompt"], "user"), system_prompt),
+        pair = {"prompt": with_system(as_messages(row["prompt"], "user"), system_prompt),
                 "chosen": as_messages(row["chosen"], "assistant"),
                 "rejected": as_messages(row["rejected"], "assistant")}
         if pair["chosen"] == pair["rejected"]:
@@ -53,7 +52,7 @@ def prepare_pairs(rows: list[dict], tokenizer, system_prompt: str, max_length: i
 def run(ctx, callbacks=()) -> dict:
     section, pack = ctx.pack.pref, ctx.pack
     training.check_learning_rate(section, "pref")
-    backend = training.resolve_backend(section, "pref")
+    backend = resolve_backend(section, "pref")
     rows = load_rows(pack, pack.sources("pref"), "pref", "pref.datasets")
 
     from datasets import Dataset
@@ -61,21 +60,21 @@ def run(ctx, callbacks=()) -> dict:
 
     set_seed(section.seed)
     input_dir = ctx.input_model()
-    model, tokenizer = training.load_model(input_dir, section, backend)
+    model, tokenizer = load_model(input_dir, section, backend)
     where = ", ".join(show_path(pack.dir / s.path) if s.path else s.label for s in pack.sources("pref"))
     pairs, dropped, tokens_all = prepare_pairs(rows, tokenizer, pack.system_prompt, section.max_length, where)
     log_path = ctx.out / "log.jsonl"
     if dropped:
         ctx.log(f"dropped {dropped} of {len(rows)} pairs longer than max_length={section.max_length}")
     if training.last_checkpoint(ctx) is None:  # a resumed run has this line already
-        training.append_log(log_path, {"step": 0, "dropped_too_long": dropped, "pairs": len(pairs)})
+        append_log(log_path, {"step": 0, "dropped_too_long": dropped, "pairs": len(pairs)})
     train_pairs, eval_pairs = training.split_rows(pairs, section.eval_fraction, section.seed)
     tokens_per_epoch = round(tokens_all * len(train_pairs) / len(pairs))
     ctx.log(f"{section.method}: {len(train_pairs)} pairs for training, {len(eval_pairs)} held out; backend {backend}")
 
     common = dict(train_dataset=Dataset.from_list(train_pairs),
                   eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
-                  processing_class=tokenizer, peft_config=training.lora_config(section, backend),
+                  processing_class=tokenizer, peft_config=lora_config(section, backend),
                   callbacks=[training.log_callback(log_path), *callbacks])
     eval_strategy = "steps" if eval_pairs else "no"
     if section.method == "dpo":
@@ -86,7 +85,7 @@ def run(ctx, callbacks=()) -> dict:
                                       dataset_num_proc=None)
         ref_model = None
         if common["peft_config"] is None and section.tuning == "full":
-            ref_model = training.load_model(input_dir, section, "hf")[0]  # frozen input model
+            ref_model = load_model(input_dir, section, "hf")[0]  # frozen input model
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, **common)
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer

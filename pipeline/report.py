@@ -2,11 +2,11 @@
 
     python -m pipeline run report --domain finance      # prints the paths; opens nothing
 
-Writes runs/<domain>/report/report.md and a self-contained report.html (plots embedded as PNG), with
-links runs/<domain>/report.md and report.html next to the stage folders: a stage table (wall time,
-tokens, tokens/s, final train and eval loss), every eval metric by model with the change against base,
-loss curves, sample answers base vs tuned, and the arena leaderboard when votes exist. It also writes a
-model card README.md into the served (merged) model folder.
+Writes runs/<domain>/report/report.md and a self-contained report.html (plots embedded as PNG): a stage
+table (wall time, tokens, tokens/s, final train and eval loss), every eval metric by model with the change
+against base, loss curves, sample answers base vs tuned, and the arena leaderboard when votes exist. It also
+writes model_card.md, the card to publish with the merged model (data, recipe, held-out metrics, intended use).
+Like every stage it writes only into its own folder: the merged model folder keeps mergekit's own README.
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import html
 import json
 from pathlib import Path
 
-from pipeline.runner import STAGES, read_stage
+from core.errors import show_path
+from core.layout import arena_db, read_stage, stage_dir
+from core.runlog import plot_logs, read_log
+from core.stages import STAGES, TRAIN_STAGES
 
-TRAINING = ("cpt", "sft", "pref")
 # metric -> (label, lower is better)
 METRICS = {
     "domain_ppl": ("held-out domain perplexity", True),
@@ -36,12 +38,6 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def stage_rows(run_dir: Path) -> list[list[str]]:
@@ -90,31 +86,7 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plot_losses(run_dir: Path, out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logs = {s: read_log(run_dir / s / "log.jsonl") for s in TRAINING}
-    logs = {s: rows for s, rows in logs.items() if rows}
-    if not logs:
-        return None
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.5 * len(logs), 3.4), squeeze=False)
-    for ax, (stage, rows) in zip(axes[0], logs.items()):
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and "step" in r]
-        if train:
-            ax.plot(*zip(*train), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals), "o-", label="eval loss")
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return plot_logs({s: read_log(stage_dir(run_dir, s) / "log.jsonl") for s in TRAIN_STAGES}, out)
 
 
 def plot_metrics(metrics: dict, out: Path) -> Path | None:
@@ -142,10 +114,10 @@ def plot_metrics(metrics: dict, out: Path) -> Path | None:
 
 def arena_section(run_dir: Path, domain: str) -> list[list[str]] | None:
     """The arena leaderboard (tuned vs base) as table rows when votes exist."""
-    db = run_dir / "arena.sqlite"
+    db = arena_db(run_dir)
     if not db.is_file():
         return None
-    from serve.votes import Store
+    from core.votes import Store
 
     s = Store(db).summary(domain, f"{domain}-base")
     if not s["n"]:
@@ -167,14 +139,14 @@ def arena_section(run_dir: Path, domain: str) -> list[list[str]] | None:
 
 def model_card(pack, metrics: dict, run_dir: Path) -> str:
     sources = []
-    for stage in TRAINING:
+    for stage in TRAIN_STAGES:
         section = getattr(pack, stage)
         if section.enabled:
             for s in pack.sources(stage):
                 sources.append(f"- {stage}: `{s.label}` — licence {s.licence}"
                                + (f" ({s.licence_name})" if s.licence_name else ""))
     recipe = []
-    for stage in TRAINING:
+    for stage in TRAIN_STAGES:
         info = read_stage(run_dir, stage)
         if info and not info.get("disabled"):
             sec = getattr(pack, stage)
@@ -267,19 +239,7 @@ def run(ctx) -> dict:
                                      f" report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>",
                                      encoding="utf-8")
 
-    for name in ("report.md", "report.html"):
-        link = run_dir / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(Path("report") / name)
-
-    served = None
-    merge = read_stage(run_dir, "merge")
-    if merge and merge.get("model"):
-        served = (run_dir / "merge" / merge["model"]).resolve()
-        (served / "README.md").write_text(model_card(pack, metrics, run_dir), encoding="utf-8")
-    ctx.log(f"report: {run_dir / 'report.md'}")
-    ctx.log(f"report: {run_dir / 'report.html'}")
-    if served:
-        ctx.log(f"model card: {served / 'README.md'}")
-    return {"plots": [p.name for p in plots], "models": list(metrics), "model_card": str(served) if served else None}
+    (out / "model_card.md").write_text(model_card(pack, metrics, run_dir), encoding="utf-8")
+    for name in ("report.md", "report.html", "model_card.md"):
+        ctx.log(f"{name}: {show_path(stage_dir(run_dir, 'report') / name)}")
+    return {"plots": [p.name for p in plots], "models": list(metrics)}

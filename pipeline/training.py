@@ -1,9 +1,11 @@
-"""What the three training stages (cpt, sft, pref) share: backend and model setup, LoRA/QLoRA/full,
-checkpoint resume, log.jsonl, the loss curve, merging the adapter and writing the stage's outputs.
+"""What the three training stages (cpt, sft, pref) share once the model is loaded: the TRL config, the
+train/held-out split, checkpoint resume, log.jsonl, held-out loss before and after, merging the adapter and
+writing the stage's outputs.
 
-Each stage module (pipeline/cpt.py, sft.py, pref.py) reads top to bottom and calls these in order:
+Each stage module (pipeline/cpt.py, sft.py, pref.py) reads top to bottom and calls these in order
+(the backend and the model come from pipeline/backend.py):
 
-    backend = resolve_backend(section)            # before trl is imported (Unsloth patches it)
+    backend = resolve_backend(section, stage)     # before trl is imported (Unsloth patches it)
     model, tokenizer = load_model(input_dir, section, backend)
     trainer = <TRL trainer>(..., args=training_args(Config, section, ctx), peft_config=lora_config(...))
     result = train(trainer, ctx)                  # resumes from ctx.out/checkpoints when a run was killed
@@ -22,116 +24,13 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.pack import PackError, TrainStage
+from core.errors import PackError
+from core.runlog import append_log, plot_logs, read_log
+from core.schema import TrainStage
+from pipeline.backend import cuda_available
 
 ARGS_COMMON = dict(report_to="none", save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
                    disable_tqdm=False, dataloader_pin_memory=False)
-
-
-# ------------------------------------------------------------------------------------- backend, model
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_backend(section: TrainStage, stage: str) -> str:
-    """'hf' or 'unsloth'. Unsloth must be imported before trl/transformers so that its patches apply."""
-    has_cuda = cuda_available()
-    if section.tuning == "qlora" and not has_cuda:
-        raise PackError(f"{stage}.tuning: qlora needs a CUDA GPU (4-bit bitsandbytes kernels); this machine has "
-                        f"none. Use {stage}.tuning=lora (the default) or {stage}.tuning=full.")
-    if section.backend == "hf":
-        return "hf"
-    if section.backend == "unsloth" and not has_cuda:
-        raise PackError(f"{stage}.backend: unsloth needs a CUDA GPU and this machine has none; "
-                        f"use {stage}.backend=auto (falls back to transformers + PEFT) or hf.")
-    if not has_cuda:
-        return "hf"
-    try:
-        import unsloth  # noqa: F401
-    except Exception as e:  # ImportError, or unsloth's own checks failing on an unsupported GPU
-        if section.backend == "unsloth":
-            raise PackError(f"{stage}.backend: unsloth does not import here ({str(e).splitlines()[0]}); "
-                            f"install it (`make setup` with GPU=1) or use {stage}.backend=hf")
-        return "hf"
-    return "unsloth"
-
-
-def import_unsloth_first(sections: list[TrainStage]) -> None:
-    """Unsloth patches transformers and TRL when it is imported, and applies fewer of its optimisations (with a
-    warning) when they were imported first, as the base stage does. The runner calls this before any stage."""
-    if any(getattr(s, "enabled", True) and s.backend != "hf" for s in sections) and cuda_available():
-        try:
-            import unsloth  # noqa: F401
-        except Exception:  # resolve_backend reports it (backend: unsloth) or falls back to hf (auto)
-            pass
-
-
-def load_model(model_dir: Path, section: TrainStage, backend: str):
-    """(model, tokenizer) from a full-weight folder. float32 on CPU; bf16 (or 4-bit for QLoRA) on CUDA."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=str(model_dir), max_seq_length=section.max_length, dtype=None,
-            load_in_4bit=section.tuning == "qlora", full_finetuning=section.tuning == "full")
-        if section.tuning != "full":
-            lora = section.lora
-            model = FastLanguageModel.get_peft_model(
-                model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                target_modules=_unsloth_targets(lora.target_modules), use_gradient_checkpointing="unsloth",
-                random_state=section.seed)
-        return model, tokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    kwargs: dict = {"dtype": torch.float32}
-    if cuda_available():
-        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if section.tuning == "qlora":
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise PackError("tuning: qlora needs the bitsandbytes package; `pip install bitsandbytes` "
-                            "or use tuning: lora")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if section.tuning == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _unsloth_targets(targets):
-    if targets == "all-linear":
-        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return targets
-
-
-def lora_config(section: TrainStage, backend: str, train_embeddings: bool = False):
-    """The PEFT LoraConfig handed to the TRL trainer; None for a full fine-tune or when Unsloth made it."""
-    if section.tuning == "full" or backend == "unsloth":
-        return None
-    from peft import LoraConfig
-
-    lora = section.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM",
-                      # language adaptation (new vocabulary use) trains the embeddings and the LM head in full;
-                      # a model with tied embeddings (SmolLM2) keeps them tied, so the architecture is unchanged
-                      modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
-                      ensure_weight_tying=train_embeddings)
 
 
 def training_args(config_cls, section: TrainStage, ctx, **extra):
@@ -177,13 +76,6 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in keep], [rows[i] for i in held]
 
 
-def with_system(messages: list[dict], system_prompt: str) -> list[dict]:
-    """The pack's system prompt first, unless the conversation brings its own."""
-    if system_prompt and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system_prompt}] + list(messages)
-    return list(messages)
-
-
 def check_learning_rate(section: TrainStage, stage: str) -> None:
     # pack.py already rejects <= 0; an override may still sneak in a NaN
     if not section.learning_rate > 0 or math.isinf(section.learning_rate):
@@ -213,46 +105,6 @@ def log_callback(path: Path, extra_keys=()):
                 f.write(json.dumps(row, default=float) + "\n")
 
     return JsonlLog()
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def append_log(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, default=float) + "\n")
-
-
-def plot_loss(log_path: Path, png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_log(log_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    # our own measurement before and after (token-weighted, the stage.json numbers); the trainer's
-    # eval_loss above averages batch means, so the two differ a little
-    heldout = [(r["step"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o--", label="eval loss (trainer)")
-    if heldout:
-        ax.plot(*zip(*heldout), "s", label="held-out loss before / after")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -417,7 +269,7 @@ def save_outputs(trainer, input_dir: Path, ctx, title: str) -> None:
     gen = Path(input_dir) / "generation_config.json"
     if gen.is_file():  # the base stage's EOS ids (end-of-turn included) must survive every stage
         shutil.copy(gen, ctx.out / "model" / "generation_config.json")
-    plot_loss(ctx.out / "log.jsonl", ctx.out / "loss.png", title)
+    plot_logs({title: read_log(ctx.out / "log.jsonl")}, ctx.out / "loss.png")
     shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)
 
 

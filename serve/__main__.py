@@ -11,7 +11,7 @@ import argparse
 import signal
 import sys
 
-from pipeline.pack import PackError
+from core import cli
 
 EPILOG = """environment: HOST (bind address, default 127.0.0.1), PORT / BASE_PORT / ARENA_PORT (ports, default
   serve.port 8000 / serve.base_port 8001 / serve.arena_port 7860), API_KEY (else generated once and kept in
@@ -36,21 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)  # while starting, SIGTERM cleans up like Ctrl-C
-    try:
-        from pipeline.pack import load_pack, runs_dir
-        from serve import launch
+    return cli.run(lambda: _command(args), interrupted="interrupted: every child process was stopped")
 
-        if args.command == "stop":
-            launch.stop_domain(runs_dir() / args.domain)
-            return 0
-        pack = load_pack(args.domain, args.overrides)
-        return launch.serve(pack, runs_dir() / pack.name, args.overrides, detach=args.detach)
-    except PackError as e:
-        print(e.render(), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: every child process was stopped", file=sys.stderr)
-        return 130
+
+def _command(args) -> int:
+    from core.layout import run_dir, serve_dir
+    from core.pack import load_pack
+    from serve import launch, procs
+
+    if args.command == "stop":
+        procs.stop_domain(serve_dir(run_dir(args.domain)), args.domain)
+        return 0
+    pack = load_pack(args.domain, args.overrides)
+    return launch.serve(pack, run_dir(pack.name), args.overrides, detach=args.detach)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from pipeline.pack import Pack, PackError, load_pack, show_path
-from serve.votes import Store, VoteError, db_path
+from core.errors import PackError, show_path
+from core.pack import load_pack
+from core.schema import Pack
+from core.votes import Store, VoteError, db_path
 
 VOTE_LABELS = {"model_a": "A is better", "model_b": "B is better", "tie": "Tie", "tie (bothbad)": "Both are bad"}
 MAX_EXAMPLES = 30
@@ -398,7 +400,7 @@ def load_arena(args) -> Arena:
     rubric_file = pack.dir / "rubric.md"
     examples: list[str] = []
     if pack.eval.prompts:
-        from pipeline.data import load_rows
+        from core.rows import load_rows
 
         try:
             examples = [r["prompt"] for r in load_rows(pack, pack.eval.prompts, "prompt", "eval.prompts")]

@@ -28,24 +28,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.pack import REPO, Pack, PackError, show_path
-
-VLLM_MODULE = "vllm.entrypoints.openai.api_server"
-
-
-@dataclass
-class Child:
-    """One process we started (in its own process group, so stopping it also stops vLLM's engine core)."""
-
-    role: str  # tuned | base | arena
-    proc: subprocess.Popen
-    url: str
-    log: Path
-    models: list[str] = field(default_factory=list)
-
+from core import layout
+from core.errors import PackError, show_path
+from core.layout import REPO
+from core.schema import Pack
+from serve.parity import check_run
+from serve.procs import ARENA_MODULE, VLLM_MODULE, Child, alive_children, log_tail, spawn, state_path, stop, write_state
 
 # ------------------------------------------------------------------------------------------ machine
 
@@ -171,27 +161,6 @@ def vllm_env(api_key_value: str, serve_cfg, cuda: bool, cpus: str | None = None)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpus or cpu_split(1)[0])  # the user's setting wins
     return env
 
-
-def _die_with_parent() -> None:
-    """In the child, before exec: own process group, and SIGTERM when the launcher dies (even by SIGKILL)."""
-    os.setsid()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def spawn(role: str, cmd: list[str], env: dict, log: Path, url: str, models: list[str],
-          tie_to_parent: bool) -> Child:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent if tie_to_parent else os.setsid)
-    return Child(role, proc, url, log, models)
-
-
 def start_vllm(role: str, model: Path, names: list[str], host: str, port: int, key: str, serve_cfg,
                log: Path, cuda: bool | None = None, tie_to_parent: bool = True, cpus: str | None = None) -> Child:
     """Start one vLLM OpenAI server; returns at once (see wait_ready). On CPU it computes on `cpus`
@@ -206,15 +175,6 @@ def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"  # where a client on this machine reaches a server bound to every address
     return f"[{host}]" if ":" in host else host
-
-
-def log_tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:])
-
 
 def is_ready(child: Child, key: str) -> bool:
     """vLLM: GET /v1/models (with the key) lists every served name. Arena: the page answers."""
@@ -253,110 +213,24 @@ def wait_ready(children: list[Child], key: str, timeout: float, say=print) -> No
         if pending:
             time.sleep(1)
 
-
-def stop_pid(pid: int, grace: float = 20) -> None:
-    """SIGTERM the process group of pid, wait up to `grace` s, then SIGKILL what is left."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        try:  # reap it when it is our child: a zombie leader keeps the group "alive"
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def stop(children: list[Child]) -> None:
-    for child in reversed(children):
-        if child.proc.poll() is None:
-            stop_pid(child.proc.pid)
-        try:
-            child.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-# ------------------------------------------------------------------------------------- one domain
-
-
-def state_path(serve_dir: Path) -> Path:
-    return serve_dir / "state.json"
-
-
-def _alive_children(serve_dir: Path) -> list[dict]:
-    """Processes a previous serve of this run started and that are still ours (pid reuse is checked)."""
-    path = state_path(serve_dir)
-    if not path.is_file():
-        return []
-    alive = []
-    for entry in json.loads(path.read_text()).get("children", []):
-        try:
-            cmdline = Path(f"/proc/{entry['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if entry["marker"] in cmdline:
-            alive.append(entry)
-    return alive
-
-
-def _write_state(serve_dir: Path, children: list[Child], detached: bool) -> None:
-    entries = [{"role": c.role, "pid": c.proc.pid, "url": c.url, "log": str(c.log), "models": c.models,
-                "marker": VLLM_MODULE if c.role != "arena" else "serve.arena"} for c in children]
-    state_path(serve_dir).write_text(json.dumps({"children": entries, "detached": detached,
-                                                 "launcher_pid": os.getpid()}, indent=2) + "\n")
-
-
-def stop_domain(run_dir: Path, say=print) -> int:
-    """Stop what a serve of this run started; the number of processes stopped."""
-    serve_dir = run_dir / "serve"
-    alive = _alive_children(serve_dir)
-    state_path(serve_dir).unlink(missing_ok=True)  # first: a foreground serve then knows the stop is wanted
-    for entry in alive:
-        say(f"[serve] stopping {entry['role']} (pid {entry['pid']}, {entry['url']})")
-        stop_pid(entry["pid"])
-    if not alive:
-        say(f"[serve] nothing is running for '{run_dir.name}'")
-    return len(alive)
-
-
-def arena_available() -> bool:
-    return (REPO / "serve" / "arena.py").is_file()
-
-
 def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = False, say=print) -> int:
     """Check, start and wait for both servers and the arena; then return (detach) or watch them until a
     signal or a crash, stopping every child on the way out."""
-    from pipeline.runner import model_dir
-    from serve.parity import check_run
-
-    serve_dir = run_dir / "serve"
-    running = _alive_children(serve_dir)
+    serve_dir = layout.serve_dir(run_dir)
+    running = alive_children(serve_dir)
     if running:
         pids = ", ".join(f"{e['role']} pid {e['pid']}" for e in running)
         raise PackError(f"'{pack.name}' is already being served ({pids}); stop it with "
                         f"`make domain={pack.name} stop` first")
-    tuned_dir = model_dir(run_dir, "merge")  # PackError telling to run `make domain=x merge` when absent
-    base_dir = model_dir(run_dir, "base")
+    tuned_dir = layout.model_dir(run_dir, "merge")  # PackError telling to run `make domain=x merge` when absent
+    base_dir = layout.model_dir(run_dir, "base")
     summary = check_run(pack, run_dir, tuned_dir)
     say(f"[serve] chat-template parity ok ({summary['conversations']} conversations, end of turn "
         f"{summary['end_of_turn']!r} in EOS ids {summary['eos_ids']})")
 
     ends = endpoints(pack)
     host, cfg, cuda = ends["host"], pack.serve, on_cuda()
-    wanted = [("tuned", "the tuned model's server"), ("base", "the base model's server")]
-    if arena_available():
-        wanted.append(("arena", "the arena"))
+    wanted = [("tuned", "the tuned model's server"), ("base", "the base model's server"), ("arena", "the arena")]
     ports = [ends[role][0] for role, _ in wanted]
     if len(set(ports)) != len(ports):
         raise PackError(f"serve ports must differ, got {dict((r, ends[r][0]) for r, _ in wanted)}; "
@@ -384,22 +258,20 @@ def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = F
         start_vllm("base", base_dir, names["base"], host, ends["base"][0], key, cfg,
                    serve_dir / "base.log", cuda, tie, halves[1]),
     ]
-    _write_state(serve_dir, children, detach)
+    write_state(serve_dir, children, detach)
     try:
         wait_ready(children, key, cfg.ready_timeout_s, say)
-        if arena_available():
-            t, b = children
-            cmd = [sys.executable, "-m", "serve.arena", "--domain", pack.name, "--tuned-url", t.url,
-                   "--base-url", b.url, "--tuned-model", names["tuned"][0], "--base-model", names["base"][0],
-                   "--api-key-file", str(serve_dir / "api_key"), "--host", host,
-                   "--port", str(ends["arena"][0]), *overrides]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                                              if p))
-            env.pop("API_KEY", None)  # the arena reads the key file
-            children.append(spawn("arena", cmd, env, serve_dir / "arena.log",
-                                  f"http://{_url_host(host)}:{ends['arena'][0]}/", [], tie))
-            _write_state(serve_dir, children, detach)
-            wait_ready(children[2:], key, cfg.ready_timeout_s, say)
+        t, b = children
+        cmd = [sys.executable, "-m", ARENA_MODULE, "--domain", pack.name, "--tuned-url", t.url,
+               "--base-url", b.url, "--tuned-model", names["tuned"][0], "--base-model", names["base"][0],
+               "--api-key-file", str(serve_dir / "api_key"), "--host", host,
+               "--port", str(ends["arena"][0]), *overrides]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        env.pop("API_KEY", None)  # the arena reads the key file
+        children.append(spawn("arena", cmd, env, serve_dir / "arena.log",
+                              f"http://{_url_host(host)}:{ends['arena'][0]}/", [], tie))
+        write_state(serve_dir, children, detach)
+        wait_ready(children[2:], key, cfg.ready_timeout_s, say)
     except BaseException:
         stop(children)
         state_path(serve_dir).unlink(missing_ok=True)
@@ -416,8 +288,6 @@ def _announce(pack: Pack, children: list[Child], key: str, serve_dir: Path, deta
     for c in children:
         what = f"model {c.models[0]}" if c.models else "Gradio arena"
         lines.append(f"  {c.role:6} {c.url:32} {what}")
-    if not arena_available():
-        lines.append("  arena  not available yet (serve/arena.py does not exist in this checkout)")
     lines.append(f"  API key {key}   (stored in {show_path(serve_dir / 'api_key')}, mode 0600)")
     t = children[0]
     lines.append(f"  try: curl -H 'Authorization: Bearer {key}' {t.url}/models")

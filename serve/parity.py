@@ -4,7 +4,7 @@
 
 Sample conversations (one and several turns, and a few rows of the pack's SFT data, each with the pack's
 system prompt put first as the SFT stage and the arena do) are rendered twice: by the SFT formatter
-(pipeline/sft.py's tokenize_conversation, with the tokenizer of the model the SFT stage trained from) and
+(core/chat.py's tokenize_conversation, as the SFT stage renders, with the tokenizer of the model the SFT stage trained from) and
 the way vLLM's chat endpoint does it (the served folder's chat template, then tokenised without adding
 special tokens). The token ids must agree for the whole conversation, and the prompt vLLM sends before the
 answer must be exactly the prefix training put before it. Then the token that ends an assistant turn in
@@ -18,15 +18,18 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.pack import PackError, show_path
+from core import cli
+from core.chat import tokenize_conversation, with_system
+from core.errors import PackError, show_path
+from core.layout import model_dir, run_dir
+from core.pack import load_pack
+from core.rows import load_rows
 
 SENTINEL = "PARITY_SENTINEL_7f3"
 
 
 def sample_conversations(system_prompt: str, extra: list[list[dict]] = ()) -> list[list[dict]]:
     """Built-in samples plus `extra`, each with the system prompt first unless it brings its own."""
-    from pipeline.training import with_system
-
     convs = [
         [{"role": "user", "content": "What is compound interest?"},
          {"role": "assistant", "content": "Interest earned on interest: 100 at 5% for 2 years is 110.25."}],
@@ -48,8 +51,6 @@ def served_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> 
 
 def training_ids(train_tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation exactly as the SFT stage builds its training examples."""
-    from pipeline.sft import tokenize_conversation
-
     return list(tokenize_conversation(train_tokenizer, messages)["input_ids"])
 
 
@@ -124,43 +125,34 @@ def check(served_dir: Path, train_tokenizer_dir: Path, conversations: list[list[
     return {"conversations": len(conversations), "end_of_turn": served.convert_ids_to_tokens(eot), "eos_ids": eos}
 
 
-def check_run(pack, run_dir: Path, served_dir: Path) -> dict:
+def check_run(pack, run: Path, served_dir: Path) -> dict:
     """The check for a domain: samples from the pack, the training tokenizer from the run."""
-    from pipeline.runner import model_dir
-
     extra = []
     try:
-        from pipeline.data import load_rows
-
         rows = load_rows(pack, pack.sources("sft"), "chat", "sft")
         extra = [r["messages"] for r in rows[:3] if r.get("messages") and r["messages"][-1]["role"] == "assistant"]
     except Exception:  # the data is the training stages' to validate; the built-in samples still run
         extra = []
     # The SFT stage trains with its input model's tokenizer (cpt's output, or base's when cpt never ran).
     try:
-        train_dir = model_dir(run_dir, "cpt")
+        train_dir = model_dir(run, "cpt")
     except PackError:
-        train_dir = model_dir(run_dir, "base")
+        train_dir = model_dir(run, "base")
     return check(served_dir, train_dir, sample_conversations(pack.system_prompt, extra), pack.name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.pack import load_pack, runs_dir
-    from pipeline.runner import model_dir
-
     ap = argparse.ArgumentParser(prog="python -m serve.parity", description=__doc__.split("\n")[0])
     ap.add_argument("--domain", required=True)
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args(argv)
-    try:
+
+    def check_domain() -> None:
         pack = load_pack(args.domain, args.overrides)
-        run_dir = runs_dir() / pack.name
-        summary = check_run(pack, run_dir, model_dir(run_dir, "merge"))
-    except PackError as e:
-        print(e.render(), file=sys.stderr)
-        return 2
-    print(f"parity ok: {summary}")
-    return 0
+        run = run_dir(pack.name)
+        print(f"parity ok: {check_run(pack, run, model_dir(run, 'merge'))}")
+
+    return cli.run(check_domain)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.pack import Pack, PackError, show_path
+from core import cli
+from core.chat import with_system
+from core.errors import PackError, show_path
+from core.layout import model_dir, run_dir, serve_dir
+from core.pack import load_pack
+from core.rows import load_rows
+from core.schema import Pack
+from core.scoring import Scorer, perplexity_from_nll
 
 ALPHA = 0.5  # SmoothQuant's migration strength: the paper's default; 0.5-0.7 measured best on finance
 CALIBRATION_ROWS = 32
@@ -196,8 +203,6 @@ def source_key(src: Path, calibration: list[str], alpha: float) -> str:
 def int8_copy(src: Path, dst: Path, calibration: list[str], held_out: list[str], alpha: float = ALPHA,
               say=print) -> Path:
     """dst, an int8 W8A8 copy of the model folder src (made now, or reused when src and the data are the same)."""
-    from pipeline.evaluate import Scorer, perplexity_from_nll
-
     if not calibration:
         raise PackError("serve.quantization=int8 calibrates on the pack's sft (or cpt) data, and it has none: "
                         "add datasets to sft or serve with serve.quantization=none")
@@ -208,7 +213,7 @@ def int8_copy(src: Path, dst: Path, calibration: list[str], held_out: list[str],
     start = time.perf_counter()
     say(f"[serve] making an int8 copy of {show_path(src)} in {show_path(dst)} "
         f"(SmoothQuant alpha {alpha} on {len(calibration)} of the pack's texts)")
-    scorer = Scorer(src)  # the eval stage's: the same held-out perplexity as the report's domain_ppl
+    scorer = Scorer(src)  # core/scoring.py's: the same held-out perplexity as the report's domain_ppl
     model = scorer.model
 
     def ppl():
@@ -241,9 +246,6 @@ def pack_texts(pack: Pack, tokenizer_dir: Path) -> tuple[list[str], list[str]]:
     the system prompt first), then cpt text; held-out domain text from eval.text."""
     from transformers import AutoTokenizer
 
-    from pipeline.data import load_rows
-    from pipeline.evaluate import with_system
-
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     calibration, held_out = [], []
     if pack.sft.enabled and pack.sources("sft"):
@@ -257,32 +259,28 @@ def pack_texts(pack: Pack, tokenizer_dir: Path) -> tuple[list[str], list[str]]:
     return calibration, held_out
 
 
-def served_copies(pack: Pack, run_dir: Path, tuned: Path, base: Path, say=print) -> tuple[Path, Path]:
+def served_copies(pack: Pack, run: Path, tuned: Path, base: Path, say=print) -> tuple[Path, Path]:
     """The int8 copies of the tuned and the base model (both, so the arena compares like with like)."""
     calibration, held_out = pack_texts(pack, tuned)
-    root = run_dir / "serve" / "int8"
+    root = serve_dir(run) / "int8"
     return (int8_copy(tuned, root / "tuned", calibration, held_out, say=say),
             int8_copy(base, root / "base", calibration, held_out, say=say))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.pack import load_pack, runs_dir
-    from pipeline.runner import model_dir
-
     ap = argparse.ArgumentParser(prog="python -m serve.quantize", description=__doc__.split("\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domain", required=True)
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args(argv)
-    try:
+
+    def quantize_domain() -> None:
         pack = load_pack(args.domain, args.overrides)
-        run_dir = runs_dir() / pack.name
-        tuned, base = served_copies(pack, run_dir, model_dir(run_dir, "merge"), model_dir(run_dir, "base"))
-    except PackError as e:
-        print(e.render(), file=sys.stderr)
-        return 2
-    print(f"int8 copies: {show_path(tuned)}, {show_path(base)}")
-    return 0
+        run = run_dir(pack.name)
+        tuned, base = served_copies(pack, run, model_dir(run, "merge"), model_dir(run, "base"))
+        print(f"int8 copies: {show_path(tuned)}, {show_path(base)}")
+
+    return cli.run(quantize_domain)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """Empty domains/ and runs/ folders in tmp, used by pipeline.pack through DOMAINS_DIR / RUNS_DIR."""
+    """Empty domains/ and runs/ folders in tmp, used by core.layout through DOMAINS_DIR / RUNS_DIR."""
     domains, runs = tmp_path / "domains", tmp_path / "runs"
     domains.mkdir()
     monkeypatch.setenv("DOMAINS_DIR", str(domains))
     monkeypatch.setenv("RUNS_DIR", str(runs))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def use_stage_module(monkeypatch, stage: str, module) -> None:
+    """Make the runner run `module` (a module object) as `stage`, as if the stage table named it."""
+    import dataclasses
+    import sys
+
+    from core import stages
+
+    name = f"test_stage_{stage}_{id(module)}"
+    monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(stages.BY_NAME, stage, dataclasses.replace(stages.BY_NAME[stage], module=name))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -97,7 +109,7 @@ def vllm_server(tmp_path_factory, tokenizer_dir):
     """
     from types import SimpleNamespace
 
-    from pipeline.pack import ServeStage
+    from core.schema import ServeStage
     from serve.launch import start_vllm, stop, wait_ready
 
     root = tmp_path_factory.mktemp("vllm")

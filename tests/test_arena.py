@@ -340,11 +340,11 @@ def test_browser_battle_vote_reveals_identities(arena, tmp_path):
 
 def test_a_failed_model_blocks_the_vote_and_is_stored(workspace):
     """One side's server is down: the other answer still streams, the error is stored, no vote opens."""
+    from core.votes import Store
     from serve.arena import Arena, Side, make_client, new_battle, run_turn
-    from serve.votes import Store
 
     make_pack(workspace, "t", "name: t\nsystem_prompt: Be brief.\n")
-    from pipeline.pack import load_pack
+    from core.pack import load_pack
 
     url, stop = fake_openai_server(API_KEY)
     try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 from conftest import make_pack
+
+from core.pack import load_pack
 from pipeline import runner
-from pipeline.pack import load_pack
 
 
 def test_embedded_base_loads_and_generates_to_eos(workspace):

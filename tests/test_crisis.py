@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO
+
 from serve.crisis import CrisisMiddleware, crisis_reply, crisis_text, shows_risk
 
 EXAMPLES = REPO / "domains" / "counseling" / "data" / "crisis_examples.jsonl"

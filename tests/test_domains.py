@@ -5,9 +5,9 @@ import json
 import re
 
 import pytest
-
 from conftest import REPO
-from pipeline.pack import load_pack
+
+from core.pack import load_pack
 
 DOMAINS = ("finance", "medical", "counseling", "italian")
 SCHEMA = {

@@ -1,56 +1,16 @@
-"""Eval and report stages on tiny models: metrics match independent computations, caching, report files."""
+"""Eval and report stages on tiny models: caching, report files, the judge. (The scoring itself: test_scoring.py.)"""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-
 from conftest import build_tiny_model, make_pack
-from pipeline import evaluate, report, runner
-from pipeline.pack import load_pack
 
-
-def test_ranking_metrics_match_hand_computation():
-    # normalised: chosen -2, -3; rejected -3, -2 -> margins +1, -1
-    m = evaluate.ranking_metrics([(-10.0, 5), (-30.0, 10)], [(-12.0, 4), (-20.0, 10)])
-    assert m == {"pref_accuracy": 0.5, "pref_margin": 0.0}
-    m = evaluate.ranking_metrics([(-4.0, 2)], [(-9.0, 3)])  # -2 vs -3
-    assert m["pref_accuracy"] == 1.0 and m["pref_margin"] == pytest.approx(1.0)
-    # beta * ((pc - rc) - (pr - rr)) = 0.1 * ((-10 + 11) - (-12 + 11)) = 0.2
-    r = evaluate.implicit_reward_accuracy([(-10.0, -12.0), (-5.0, -5.0)], [(-11.0, -11.0), (-4.0, -6.0)], beta=0.1)
-    assert r["reward_accuracy"] == 0.5
-    assert r["reward_margin"] == pytest.approx((0.2 + 0.1 * ((-5 + 4) - (-5 + 6))) / 2)
-
-
-def test_perplexity_is_exp_of_mean_nll(tiny_model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    text = "Compound interest grows a deposit faster than simple interest over long periods."
-    scorer = evaluate.Scorer(tiny_model_dir)
-    nll, n = scorer.text_nll([text])
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = tok(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        mean_nll = model(input_ids=ids, labels=ids).loss.item()
-    assert n == ids.shape[1] - 1
-    assert evaluate.perplexity_from_nll(nll, n) == pytest.approx(math.exp(mean_nll), rel=1e-4)
-
-
-def test_assistant_mask_covers_assistant_turns_only(tiny_model_dir):
-    scorer = evaluate.Scorer(tiny_model_dir)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "Goodbye."}]
-    ids, mask = scorer.assistant_sequence(messages)
-    picked = scorer.tok.decode([i for i, m in zip(ids, mask) if m])
-    assert picked == "Hello!<|im_end|>\nGoodbye.<|im_end|>\n"
-
+from core.pack import load_pack
+from pipeline import runner
 
 PACK = """\
     name: toy
@@ -92,7 +52,7 @@ def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys
                                                             "disabled": True}))
     pack = load_pack("toy")
 
-    runner.run_stage(pack, "eval", run_dir, module=evaluate)
+    runner.run_stage(pack, "eval", run_dir)
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert list(metrics) == ["base", "merge"]  # the disabled sft stage is the base model: not scored twice
     for key in ("domain_ppl", "general_ppl", "sft_loss", "pref_accuracy", "pref_margin"):
@@ -106,12 +66,12 @@ def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys
     # A new merge: base comes from the cache, only the merge model is scored again.
     publish_model(run_dir, "merge", build_tiny_model(workspace / "m3", tokenizer_dir, seed=2), "fp-merge-2")
     capsys.readouterr()
-    runner.run_stage(pack, "eval", run_dir, module=evaluate)
+    runner.run_stage(pack, "eval", run_dir)
     log = capsys.readouterr().out
     assert "base: cached scores" in log and "merge: scoring" in log
     assert json.loads((run_dir / "eval" / "metrics.json").read_text())["base"] == metrics["base"]
 
-    from serve.votes import Store
+    from core.votes import Store
 
     store = Store(run_dir / "arena.sqlite")
     for i, kind in enumerate(["model_a", "model_a", "model_b", "tie"]):
@@ -121,18 +81,19 @@ def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys
         store.add_generation(battle, 0, "b", "toy-base", "base answer")
         store.vote(battle, kind, "rater")
 
-    runner.run_stage(pack, "report", run_dir, module=report)
-    md = (run_dir / "report.md").read_text()
+    runner.run_stage(pack, "report", run_dir)
+    md = (run_dir / "report" / "report.md").read_text()
     assert "## Arena (blind human votes)" in md and "| tuned wins / losses / ties | 2 / 1 / 1 |" in md
     assert "| win rate (ties as half) | 0.625 |" in md
     assert "| stage | status | wall time (s) |" in md and "held-out domain perplexity ↓" in md
     assert "| merge | built |" in md and "disabled (passes its input through)" in md
-    html_text = (run_dir / "report.html").read_text()
+    html_text = (run_dir / "report" / "report.html").read_text()
     assert html_text.count("data:image/png;base64,") == 2
     for png in ("loss_curves.png", "metrics.png"):
         assert (run_dir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    card = (run_dir / "merge" / "model" / "README.md").read_text()
+    card = (run_dir / "report" / "model_card.md").read_text()
     assert "# toy model" in card and "held-out domain perplexity" in card
+    assert not (run_dir / "report.md").exists()  # the report writes into its own folder only
 
 
 def test_answers_come_from_base_and_final_model_unless_all(workspace, tiny_model_dir, tokenizer_dir, capsys):
@@ -146,20 +107,20 @@ def test_answers_come_from_base_and_final_model_unless_all(workspace, tiny_model
         rows = [json.loads(line) for line in (run_dir / "eval" / "answers.jsonl").read_text().splitlines()]
         return set(rows[0]) - {"prompt"}
 
-    runner.run_stage(load_pack("toy"), "eval", run_dir, module=evaluate)
+    runner.run_stage(load_pack("toy"), "eval", run_dir)
     assert list(json.loads((run_dir / "eval" / "metrics.json").read_text())) == ["base", "pref", "merge"]
     assert answered() == {"base", "merge"}  # pref is scored but not asked to generate
     assert "greedy answers" in capsys.readouterr().out
 
     # merge gone: pref is now the final model; its cached scores lack answers, so it is scored again
     shutil.rmtree(run_dir / "merge")
-    runner.run_stage(load_pack("toy"), "eval", run_dir, module=evaluate, force=True)
+    runner.run_stage(load_pack("toy"), "eval", run_dir, force=True)
     log = capsys.readouterr().out
     assert "base: cached scores" in log and "pref: scoring" in log
     assert answered() == {"base", "pref"}
 
     publish_model(run_dir, "merge", build_tiny_model(workspace / "m", tokenizer_dir, seed=4), "fp-merge")
-    runner.run_stage(load_pack("toy", ["eval.answers=all"]), "eval", run_dir, module=evaluate)
+    runner.run_stage(load_pack("toy", ["eval.answers=all"]), "eval", run_dir)
     assert answered() == {"base", "pref", "merge"}
 
 
@@ -191,8 +152,8 @@ class JudgeHandler(BaseHTTPRequestHandler):
 def test_judge_swaps_order_and_counts_disagreement_as_tie(biased, tmp_path, monkeypatch):
     from openai import OpenAI
 
+    from core.schema import Judge
     from pipeline.judge import judge_pair, judge_run
-    from pipeline.pack import Judge
 
     handler = type("H", (JudgeHandler,), {"biased": biased})
     server = HTTPServer(("127.0.0.1", 0), handler)

@@ -9,12 +9,14 @@ import json
 import shutil
 
 import pytest
+from conftest import build_tiny_model, make_pack
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model, make_pack
+from core.errors import PackError
+from core.layout import domains_dir
+from core.pack import load_pack
 from merge.recipes import check_recipe
 from pipeline import runner
-from pipeline.pack import PackError, domains_dir, load_pack
 
 SEEDS = {"base": 0, "cpt": 1, "sft": 2, "pref": 3}
 

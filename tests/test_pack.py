@@ -6,10 +6,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, make_pack
-from pipeline.data import validate_data
-from pipeline.pack import Pack, PackError, describe, load_pack
+
+from core.errors import PackError
+from core.overrides import describe
+from core.pack import load_pack
+from core.schema import Pack
+from pipeline.validate import validate_data
 
 SHIPPED = sorted(p.parent.name for p in (REPO / "domains").glob("*/pack.yaml"))
 
@@ -63,7 +66,7 @@ def test_good_pack_loads_with_defaults_and_alpaca_rows(workspace):
     assert pack.sft.learning_rate == 2e-4 and pack.pref.method == "dpo" and pack.cpt.tuning == "lora"
     assert pack.merge.config["merge_method"] == "slerp"
     assert validate_data(pack) == []
-    from pipeline.data import load_rows
+    from core.rows import load_rows
 
     rows = load_rows(pack, pack.sources("sft"), "chat", "sft")
     assert rows[1]["messages"] == [{"role": "user", "content": "Define yield"},
@@ -181,7 +184,7 @@ def test_cli_run_takes_overrides_after_the_domain(workspace):
 
 
 def test_pairs_whose_rejected_side_is_rated_higher_are_dropped(workspace, capsys):
-    from pipeline.data import load_rows
+    from core.rows import load_rows
 
     pairs = [{"question": "q1", "chosen": "c1", "rejected": "r1", "safe_c": 5, "safe_r": 3},
              {"question": "q2", "chosen": "c2", "rejected": "r2", "safe_c": 2, "safe_r": 4},  # rejected is safer

@@ -34,9 +34,9 @@ def batches(vocab: int, n: int = 4, length: int = 48):
 
 def test_smoothing_keeps_float_outputs_and_int8_emulation_is_close_and_undoes(tmp_path, tokenizer_dir):
     import torch
+    from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
 
-    from conftest import build_tiny_model
     from serve.quantize import emulate_int8, input_maxima, smooth
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m", tokenizer_dir, hidden=128),
@@ -71,7 +71,7 @@ def test_smoothing_keeps_float_outputs_and_int8_emulation_is_close_and_undoes(tm
 def test_an_architecture_without_llama_blocks_gets_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.pack import PackError
+    from core.errors import PackError
     from serve.quantize import blocks
 
     with pytest.raises(PackError) as e:
@@ -106,10 +106,11 @@ def float_logprobs(folder, ids: list[int]) -> list[float]:
 def test_int8_copies_are_compressed_tensors_made_once_and_vllm_serves_them(workspace, tokenizer_dir):
     import openai
     import torch
+    from conftest import build_tiny_model, free_port, make_pack
     from safetensors.torch import load_file
 
-    from conftest import build_tiny_model, free_port, make_pack
-    from pipeline.pack import ServeStage, load_pack
+    from core.pack import load_pack
+    from core.schema import ServeStage
     from serve.launch import start_vllm, stop, wait_ready
     from serve.quantize import served_copies
 

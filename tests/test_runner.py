@@ -6,14 +6,14 @@ runner's semantics are checked in milliseconds; the real stages have their own t
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import pytest
+from conftest import make_pack, use_stage_module
 
-from conftest import make_pack
+from core.errors import PackError
+from core.pack import load_pack
 from pipeline import runner
-from pipeline.pack import PackError, load_pack
 
 PACK = """\
     name: toy
@@ -44,10 +44,10 @@ def fake_stages(monkeypatch):
             return {"tokens": 10, "loss": 1.0}
         mod = types.ModuleType(f"fake_{stage}")
         mod.run = run
-        monkeypatch.setitem(sys.modules, f"fake_{stage}", mod)
-        return f"fake_{stage}"
+        use_stage_module(monkeypatch, stage, mod)
 
-    monkeypatch.setattr(runner, "STAGE_MODULES", {s: make(s) for s in ("base", "cpt", "sft")})
+    for stage in ("base", "cpt", "sft"):
+        make(stage)
     return calls, crash
 
 
@@ -132,10 +132,10 @@ def test_disabled_stage_passes_its_input_through(workspace, fake_stages):
     assert runner.model_dir(run_dir, "cpt") == (run_dir / "base" / "model").resolve()
 
 
-def test_unavailable_stage_and_concurrent_run_are_clear_errors(workspace, fake_stages):
+def test_unknown_stage_and_concurrent_run_are_clear_errors(workspace, fake_stages):
     make_pack(workspace, "toy", PACK, FILES)
-    with pytest.raises(PackError, match="stage 'merge' is not available yet"):
-        runner.run(load_pack("toy"), "merge")
+    with pytest.raises(PackError, match="unknown stage 'merj'; the stages are base, cpt, sft, pref, merge"):
+        runner.run(load_pack("toy"), "merj")
     run_dir = workspace / "runs" / "toy"
     with runner.RunLock(run_dir):
         with pytest.raises(PackError, match="another run of 'toy' is in progress"):

@@ -73,7 +73,7 @@ def test_parity_catches_a_changed_template_and_a_missing_stop_token(tmp_path, ti
     import json
     import shutil
 
-    from pipeline.pack import PackError
+    from core.errors import PackError
     from serve.parity import check, sample_conversations
 
     served = tmp_path / "served"
@@ -97,10 +97,11 @@ def test_parity_catches_a_changed_template_and_a_missing_stop_token(tmp_path, ti
 
 
 def test_serve_stops_on_a_parity_mismatch(workspace, tiny_model_dir):
-    from pipeline.pack import PackError, load_pack
-    from serve.launch import serve
-
     from conftest import make_pack
+
+    from core.errors import PackError
+    from core.pack import load_pack
+    from serve.launch import serve
 
     make_pack(workspace, "finance", PACK)
     run = make_run(workspace, tiny_model_dir)
@@ -114,9 +115,9 @@ def test_serve_stops_on_a_parity_mismatch(workspace, tiny_model_dir):
 
 
 def test_missing_merge_error_text(workspace, tiny_model_dir, capsys):
-    from serve.__main__ import main
-
     from conftest import make_pack
+
+    from serve.__main__ import main
 
     make_pack(workspace, "finance", PACK)
     import shutil
@@ -131,9 +132,9 @@ def test_missing_merge_error_text(workspace, tiny_model_dir, capsys):
 def test_taken_port_names_the_port_and_the_variable(workspace, tiny_model_dir, monkeypatch, capsys):
     import socket
 
-    from serve.__main__ import main
-
     from conftest import free_port, make_pack
+
+    from serve.__main__ import main
 
     make_pack(workspace, "finance", PACK)
     make_run(workspace, tiny_model_dir)
@@ -166,7 +167,7 @@ def test_api_key_is_generated_once_kept_private_and_api_key_wins(tmp_path, monke
 def test_vllm_command_per_machine():
     from pathlib import Path
 
-    from pipeline.pack import ServeStage
+    from core.schema import ServeStage
     from serve.launch import vllm_command, vllm_env
 
     cfg = ServeStage(max_model_len=1024, kv_cache_gib=3, gpu_memory_utilization=0.45, tensor_parallel_size=2)
@@ -196,8 +197,8 @@ def test_detached_serve_answers_as_domain_and_base_and_stop_leaves_nothing(works
     import sys
 
     import openai
-
     from conftest import REPO, build_tiny_model, free_port, make_pack
+
     from serve.launch import arena_available
 
     make_pack(workspace, "finance", PACK)

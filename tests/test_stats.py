@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from serve import stats
+from core import stats
 
 
 @pytest.mark.parametrize("successes,n", [(0, 10), (3, 10), (7.5, 20), (50, 100), (99, 100), (1, 1)])

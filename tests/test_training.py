@@ -14,10 +14,11 @@ import sys
 import types
 
 import pytest
+from conftest import REPO, make_pack, use_stage_module
 
-from conftest import REPO, make_pack
+from core.errors import PackError
+from core.pack import load_pack
 from pipeline import runner
-from pipeline.pack import PackError, load_pack
 
 SYSTEM = "You answer in one short sentence."
 CONVS = [{"messages": [{"role": "user", "content": f"What is the code for vault {i}?"},
@@ -144,7 +145,7 @@ def test_orpo_with_disabled_stages(toy):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
-def test_killed_run_resumes_from_checkpoint(toy):
+def test_killed_run_resumes_from_checkpoint(toy, monkeypatch):
     from transformers import TrainerCallback
 
     from pipeline import sft
@@ -157,9 +158,12 @@ def test_killed_run_resumes_from_checkpoint(toy):
     pack = load_pack("toy", ["cpt.enabled=false"])
     for stage in ("base", "cpt"):
         runner.run_stage(pack, stage, toy)
-    crashing = types.SimpleNamespace(run=lambda ctx: sft.run(ctx, callbacks=[Kill()]))
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_stage(pack, "sft", toy, module=crashing)
+    crashing = types.ModuleType("crashing_sft")
+    crashing.run = lambda ctx: sft.run(ctx, callbacks=[Kill()])
+    with monkeypatch.context() as patched:
+        use_stage_module(patched, "sft", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_stage(pack, "sft", toy)
     assert (toy / ".work" / "sft" / "checkpoints" / "checkpoint-2").is_dir()
     assert not (toy / "sft").exists()
 
@@ -168,23 +172,6 @@ def test_killed_run_resumes_from_checkpoint(toy):
     assert m["resumed_from_step"] == 2 and m["steps"] == 4 and m["eval_loss"] < m["eval_loss_before"]
     steps = [r["step"] for r in log]
     assert steps == sorted(set(steps)) and steps[-1] == 4  # the killed run's step 3 is not logged twice
-
-
-def test_assistant_only_mask(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    from pipeline.sft import tokenize_conversation
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "First question?"},
-            {"role": "assistant", "content": "First answer."}, {"role": "user", "content": "Second?"},
-            {"role": "assistant", "content": "Second answer."}]
-    enc = tokenize_conversation(tok, msgs)
-    ids, mask = enc["input_ids"], enc["assistant_masks"]
-    trained = tok.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == "First answer.<|im_end|>\nSecond answer.<|im_end|>\n"
-    ignored = tok.decode([i for i, m in zip(ids, mask) if not m])
-    assert SYSTEM in ignored and "First question?" in ignored and "Second answer" not in ignored
 
 
 def test_bad_pairs_and_options(toy, tokenizer_dir):

@@ -9,10 +9,11 @@ import threading
 import pytest
 import yaml
 
-from pipeline.data import load_rows
-from pipeline.pack import PackError, load_pack
-from serve import votes
-from serve.votes import Store, VoteError
+from core import votes
+from core.errors import PackError
+from core.pack import load_pack
+from core.rows import load_rows
+from core.votes import Store, VoteError
 from tests.conftest import make_pack
 
 SYSTEM = "You are a finance tutor."

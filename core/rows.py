@@ -11,6 +11,7 @@ Row kinds and their fields (a source's `columns` maps these names to the dataset
 
 Local files are .jsonl (one object a line), .parquet, or .txt (paragraphs split on blank lines).
 Every problem names the file and line; hub datasets go through the same column mapping and checks.
+A training stage's row kind is in core/stages.py (`Stage.rows`).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.pack import Pack, PackError, Source, show_path
+from core.errors import PackError, show_path
+from core.schema import Pack, Source
 
-STAGE_KIND = {"cpt": "text", "sft": "chat", "pref": "pref"}
 EVAL_KIND = {"text": "text", "sft": "chat", "pref": "pref", "prompts": "prompt"}
 ROLES = ("system", "user", "assistant")
 
@@ -204,44 +205,3 @@ def load_rows(pack: Pack, sources: list[Source], kind: str, what: str) -> list[d
         raise PackError(f"{what}: no data. List a dataset under it in {show_path(pack.dir / 'pack.yaml')}, "
                         f"or disable it with {what.split('.')[0]}.enabled=false")
     return rows
-
-
-def validate_data(pack: Pack) -> list[str]:
-    """Every data problem of the pack at once: what `make validate` prints."""
-    problems: list[str] = []
-    where = show_path(pack.dir / "pack.yaml")
-    for stage, kind in STAGE_KIND.items():
-        section = getattr(pack, stage)
-        if not section.enabled:
-            continue
-        sources = pack.sources(stage)
-        if not sources:
-            key = "hub_datasets" if pack.data == "hub" else "datasets"
-            dropped = len(getattr(section, key))
-            why = f" (licence=permissive dropped {dropped} non-commercial source(s))" if dropped else ""
-            problems.append(f"{where}: {stage}.{key}: no dataset for an enabled stage{why}; "
-                            f"add one or set {stage}.enabled: false")
-        for src in sources:
-            if src.hub and pack.data != "hub":
-                continue
-            try:
-                problems += load_source(src, pack.dir, kind)[1]
-            except PackError as e:
-                problems += e.problems
-    if pack.eval.enabled:
-        for key, kind in EVAL_KIND.items():
-            for src in getattr(pack.eval, key):
-                try:
-                    problems += load_source(src, pack.dir, kind)[1]
-                except PackError as e:
-                    problems += e.problems
-    base = pack.base
-    if base.model.startswith((".", "/")) and not (pack.dir / base.model).is_dir():
-        problems.append(f"{where}: base.model: folder {base.model} not found (relative to the pack folder)")
-    if base.chat_template not in ("model", "chatml") and not (pack.dir / base.chat_template).is_file():
-        problems.append(f"{where}: base.chat_template: file {base.chat_template} not found; "
-                        "use 'model', 'chatml' or a .jinja file in the pack folder")
-    from merge.recipes import validate_merge
-
-    problems += validate_merge(pack)
-    return problems

@@ -4,8 +4,11 @@ Every write opens its own short connection and commits before returning, so a vo
 on disk, and concurrent raters (Gradio handler threads, or several arena processes) never lose one:
 SQLite serialises the writers, WAL lets the leaderboard read meanwhile.
 
-    python -m serve.votes export --domain finance     # runs/finance/votes/{battles,pairs}.jsonl
-    python -m serve.votes summary --domain finance    # the leaderboard numbers as JSON
+    python -m core.votes export --domain finance      # runs/finance/votes/{battles,pairs}.jsonl (make export-votes)
+    python -m core.votes summary --domain finance     # the leaderboard numbers as JSON
+
+The store lives in core because votes are shared: the arena (serve/) writes them, the report and the next
+preference round (pipeline/) read them.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.pack import PackError, runs_dir, show_path
+from core import cli
+from core.errors import PackError, show_path
+from core.layout import arena_db, domains_dir, run_dir, votes_dir
+from core.stats import WINNERS, Battle, summarise
 
 SCHEMA_VERSION = 1
-WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,7 +79,7 @@ class VoteError(Exception):
 
 
 def db_path(domain: str) -> Path:
-    return runs_dir() / domain / "arena.sqlite"
+    return arena_db(run_dir(domain))
 
 
 class Store:
@@ -199,10 +204,8 @@ class Store:
         return out
 
     def stats_battles(self):
-        """The voted battles as serve.stats.Battle; answer length = characters of that side's assistant turns
+        """The voted battles as core.stats.Battle; answer length = characters of that side's assistant turns
         (latest attempt of each). Computed in SQL: this runs on every vote."""
-        from serve.stats import Battle
-
         with self._connect() as con:
             rows = con.execute(
                 "WITH last AS (SELECT battle_id, turn_idx, side, MAX(attempt) AS attempt FROM generations"
@@ -216,8 +219,6 @@ class Store:
         return [Battle(*row) for row in rows]
 
     def summary(self, tuned: str, base: str) -> dict:
-        from serve.stats import summarise
-
         return summarise(self.stats_battles(), tuned, base)
 
 
@@ -252,7 +253,7 @@ def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, i
         raise PackError(f"no votes yet for domain '{domain}': {show_path(path)} does not exist. "
                         f"Start the arena (make domain={domain} serve) and vote first.")
     store = Store(path)
-    out_dir = Path(out_dir or runs_dir() / domain / "votes")
+    out_dir = Path(out_dir or votes_dir(run_dir(domain)))
     out_dir.mkdir(parents=True, exist_ok=True)
     battles = store.voted_battles()
     pairs = [p for p in map(preference_pair, battles) if p is not None]
@@ -273,15 +274,13 @@ def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, i
 
 def yaml_snippet(domain: str, pairs_file: Path) -> str:
     """The pref.datasets entry that makes the next run train on the exported pairs."""
-    from pipeline.pack import domains_dir
-
     rel = os.path.relpath(Path(pairs_file).resolve(), (domains_dir() / domain).resolve())
     return ("pref:\n  datasets:\n"
             f"    - {{path: {rel}, licence: permissive, licence_name: arena votes of this deployment}}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve.votes", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m core.votes", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write runs/<domain>/votes/battles.jsonl and pairs.jsonl")
@@ -292,25 +291,24 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--tuned-model", help="served name of the tuned model (default: the domain)")
     sm.add_argument("--base-model", help="served name of the base model (default: <domain>-base)")
     args = ap.parse_args(argv)
-    try:
-        if args.command == "export":
-            battles_file, pairs_file, nb, np_, same = export(args.domain, args.out)
-            print(f"{nb} voted battles -> {show_path(battles_file)}")
-            skipped = f" ({same} skipped: both answers identical)" if same else ""
-            print(f"{np_} preference pairs (decisive votes){skipped} -> {show_path(pairs_file)}")
-            print(f"\nTo train on them, add this source to domains/{args.domain}/pack.yaml "
-                  "(next to the existing pref datasets):\n")
-            print(yaml_snippet(args.domain, pairs_file))
-        else:
-            path = db_path(args.domain)
-            if not path.is_file():
-                raise PackError(f"no votes yet: {show_path(path)} does not exist")
-            s = Store(path).summary(args.tuned_model or args.domain, args.base_model or f"{args.domain}-base")
-            print(json.dumps(s, indent=2, default=str))
-    except PackError as e:
-        print(e.render(), file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(lambda: _command(args))
+
+
+def _command(args) -> None:
+    if args.command == "export":
+        battles_file, pairs_file, nb, np_, same = export(args.domain, args.out)
+        print(f"{nb} voted battles -> {show_path(battles_file)}")
+        skipped = f" ({same} skipped: both answers identical)" if same else ""
+        print(f"{np_} preference pairs (decisive votes){skipped} -> {show_path(pairs_file)}")
+        print(f"\nTo train on them, add this source to domains/{args.domain}/pack.yaml "
+              "(next to the existing pref datasets):\n")
+        print(yaml_snippet(args.domain, pairs_file))
+    else:
+        path = db_path(args.domain)
+        if not path.is_file():
+            raise PackError(f"no votes yet: {show_path(path)} does not exist")
+        s = Store(path).summary(args.tuned_model or args.domain, args.base_model or f"{args.domain}-base")
+        print(json.dumps(s, indent=2, default=str))
 
 
 if __name__ == "__main__":

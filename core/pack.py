@@ -1,0 +1,128 @@
+"""Loading a domain pack: read `domains/<name>/pack.yaml`, apply overrides, validate against core/schema.py.
+
+Every problem is reported at once with the file, the line and the key path (or the command-line override that
+set the value), as one PackError:
+
+    python -m pipeline validate --domain finance sft.learning_rate=1e-4
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from core.errors import PackError, show_path
+from core.layout import domains_dir
+from core.overrides import apply_override, model_at
+from core.schema import Pack
+
+
+def pack_path(domain: str) -> Path:
+    path = domains_dir() / domain / "pack.yaml"
+    if not (domains_dir() / domain).is_dir():
+        known = sorted(p.parent.name for p in domains_dir().glob("*/pack.yaml"))
+        hint = difflib.get_close_matches(domain, known, n=1)
+        fix = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise PackError(
+            f"unknown domain '{domain}'{fix}: no folder {show_path(domains_dir() / domain)}. "
+            f"Known domains: {', '.join(known) or 'none'}. A new domain is a copy of one of them."
+        )
+    if not path.is_file():
+        raise PackError(f"{show_path(path)} is missing: every domain folder needs a pack.yaml (copy one).")
+    return path
+
+
+def load_pack(domain: str, overrides: list[str] | tuple[str, ...] = ()) -> Pack:
+    """Read, override and validate `domains/<domain>/pack.yaml`; raise PackError listing every problem."""
+    path = pack_path(domain)
+    text = path.read_text(encoding="utf-8")
+    where = show_path(path)
+    try:
+        raw = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PackError(f"{where}{at}: YAML syntax error: {problem}. Fix the indentation or quoting there.")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PackError(f"{where}:1: the pack must be a mapping of keys (name:, base:, sft: ...)")
+    raw.setdefault("name", domain)
+
+    problems = [p for item in overrides for p in apply_override(raw, item)]
+    if problems:
+        raise PackError(problems, "bad overrides")
+    try:
+        pack = Pack.model_validate(raw)
+    except ValidationError as e:
+        given = {item.split("=", 1)[0].strip(): item for item in overrides}
+        problems = [_explain(err, where, node, raw, given) for err in e.errors()]
+        raise PackError(sorted(problems, key=_line_number), f"{where} is not valid")
+    pack._dir = path.parent
+    return pack
+
+
+def _explain(err: dict, where: str, node: Any, raw: dict, given: dict[str, str] | None = None) -> str:
+    loc = _clean_loc(raw, err["loc"])
+    key = ".".join(loc) or "(top level)"
+    line = _line_of(node, loc)
+    at = f"{where}:{line}" if line else where
+    set_by = [item for path, item in (given or {}).items() if key == path or key.startswith(path + ".")]
+    if set_by:  # the value came from the command line, not from the file
+        at = f"override {set_by[0]!r}"
+    if err["type"] == "extra_forbidden":
+        parent_model = model_at(loc[:-1])
+        choices = list(parent_model.model_fields) if parent_model else []
+        hint = difflib.get_close_matches(loc[-1], choices, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"allowed keys: {', '.join(choices)}"
+        return f"{at}: {key}: unknown key ({fix})"
+    if err["type"] == "missing":
+        return f"{at}: {key}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{at}: {key}: {msg} (got {err.get('input')!r})"
+
+
+def _line_number(problem: str) -> int:
+    head = problem.split(": ", 1)[0]
+    return int(head.rsplit(":", 1)[1]) if head.rsplit(":", 1)[-1].isdigit() else 0
+
+
+def _clean_loc(raw: Any, loc: tuple) -> list[str]:
+    """pydantic's error location without the union-member tags it adds (e.g. 'list[str]')."""
+    out, cur = [], raw
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            out.append(str(part))
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            out.append(str(part))
+            cur = cur[part]
+        elif isinstance(cur, dict) and isinstance(part, str) and not any(c in part for c in "[]-"):
+            out.append(part)  # a key that is missing from the YAML
+            cur = None
+    return out
+
+
+def _line_of(node: Any, loc: list[str]) -> int | None:
+    """The 1-based line in the YAML file of a key path, or of its nearest existing parent."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == part:
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
