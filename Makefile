@@ -67,7 +67,7 @@ stop: setup
 # Arena votes -> runs/<domain>/votes/battles.jsonl and pairs.jsonl (decisive votes as prompt/chosen/rejected);
 # prints the pref.datasets entry that makes the next `make all` train on them.
 export-votes: setup
-	@$(PY) -m serve.votes export --domain $(domain)
+	@$(PY) -m core.votes export --domain $(domain)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
