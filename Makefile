@@ -5,6 +5,7 @@
 #   make domain=finance sft sft.learning_rate=1e-4  any pack key can be overridden as key.path=value
 #   make domain=finance sft FORCE=1               rerun a stage even when it is up to date
 #   make test                                     the whole test suite, CPU only, offline
+#   make check                                    the fast tests (no vLLM, browser or full training), < 2 minutes
 
 domain  ?= finance
 OFFLINE ?= 1
@@ -27,11 +28,11 @@ export TOKENIZERS_PARALLELISM=false
 
 STAMP := .venv/.stamp-$(shell sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)
 
-.PHONY: help setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test clean
+.PHONY: help setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test check clean
 
 help:
-	@sed -n '2,7p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test clean"
+	@sed -n '2,8p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test check clean"
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -71,6 +72,10 @@ export-votes: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: tests not marked slow (those start vLLM, a browser, or train several stages).
+check: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs/$(domain)

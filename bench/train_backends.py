@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from core.layout import read_stage  # noqa: E402
+from core.stages import TRAIN_STAGES  # noqa: E402
 
 
 def random_model(config_dir: Path, out: Path) -> Path:
@@ -88,7 +89,7 @@ def main() -> int:
     half = max(1, args.steps // 2)
     chain = [f"base.model={base}", f"cpt.max_steps={args.steps}", f"sft.max_steps={args.steps}",
              f"pref.max_steps={half}", "cpt.save_steps=1000", "sft.save_steps=1000", "pref.save_steps=1000"]
-    plans = [("chain", "pref", [], ["cpt", "sft", "pref"])]
+    plans = [("chain", "pref", [], list(TRAIN_STAGES))]
     if not args.no_extras:
         plans += [("orpo", "pref", ["pref.method=orpo"], ["pref"]),
                   ("qlora", "sft", ["sft.tuning=qlora"], ["sft"])]
@@ -96,7 +97,7 @@ def main() -> int:
     for name, target, extra, stages in plans:
         for backend in args.backends.split(","):
             runs = scratch / backend
-            over = chain + extra + [f"{s}.backend={backend}" for s in ("cpt", "sft", "pref")]
+            over = chain + extra + [f"{s}.backend={backend}" for s in TRAIN_STAGES]
             rc, wall = run(target, args.domain, over, runs, log, args.timeout)
             for stage in stages:
                 m = ((read_stage(runs / args.domain, stage) or {}).get("metrics") or {}) if rc == 0 else {}

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -22,3 +23,11 @@ def run(work: Callable[[], int | None], interrupted: str = INTERRUPTED) -> int:
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         return 130
+
+
+def domain_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """The arguments every per-domain command takes: --domain and pack overrides (key.path=value)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+    parser.add_argument("--domain", required=True, help="a folder under domains/, e.g. finance")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="pack overrides")
+    return parser

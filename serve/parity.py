@@ -13,7 +13,6 @@ Any difference raises PackError naming the conversation, the first differing tok
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -142,10 +141,7 @@ def check_run(pack, run: Path, served_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve.parity", description=__doc__.split("\n")[0])
-    ap.add_argument("--domain", required=True)
-    ap.add_argument("overrides", nargs="*", metavar="key.path=value")
-    args = ap.parse_args(argv)
+    args = cli.domain_parser("python -m serve.parity", __doc__.split("\n")[0]).parse_args(argv)
 
     def check_domain() -> None:
         pack = load_pack(args.domain, args.overrides)

@@ -268,11 +268,8 @@ def served_copies(pack: Pack, run: Path, tuned: Path, base: Path, say=print) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve.quantize", description=__doc__.split("\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--domain", required=True)
-    ap.add_argument("overrides", nargs="*", metavar="key.path=value")
-    args = ap.parse_args(argv)
+    args = cli.domain_parser("python -m serve.quantize", __doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
 
     def quantize_domain() -> None:
         pack = load_pack(args.domain, args.overrides)
