@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import make_pack
 
 from core.pack import load_pack
 from pipeline import runner
 
 
+@pytest.mark.slow
 def test_embedded_base_loads_and_generates_to_eos(workspace):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

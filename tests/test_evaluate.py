@@ -40,6 +40,7 @@ def publish_model(run_dir, stage, model_src, fingerprint):
                                                             "wall_time_s": 1.5, "metrics": {"tokens": 100}}))
 
 
+@pytest.mark.slow
 def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys):
     make_pack(workspace, "toy", PACK, FILES)
     run_dir = workspace / "runs" / "toy"
@@ -96,6 +97,7 @@ def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys
     assert not (run_dir / "report.md").exists()  # the report writes into its own folder only
 
 
+@pytest.mark.slow
 def test_answers_come_from_base_and_final_model_unless_all(workspace, tiny_model_dir, tokenizer_dir, capsys):
     make_pack(workspace, "toy", PACK, FILES)
     run_dir = workspace / "runs" / "toy"

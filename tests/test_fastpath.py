@@ -98,6 +98,7 @@ def test_plain_lm_head_skips_soft_capped_models(model):
     assert not fastpath.plain_lm_head(types.SimpleNamespace(model=model, args=types.SimpleNamespace(temperature=1.0)))
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_give_the_same_loss_and_gradients(model):
     _, ids, positions = packed_row([6, 10, 8], model.config.vocab_size, seed=2)
     fastpath.packed_attention(model)

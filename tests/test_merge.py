@@ -211,6 +211,7 @@ def test_vocab_mismatch_names_the_models(workspace, stage_models, tokenizer_dir,
     assert not (workspace / "runs/toy/merge").exists()
 
 
+@pytest.mark.slow
 def test_search_t_keeps_the_lowest_heldout_loss(workspace, stage_models):
     convo = {"messages": [{"role": "user", "content": "What is a bond?"},
                           {"role": "assistant", "content": "A loan to an issuer that pays interest."}]}

@@ -8,6 +8,7 @@ stage, the assistant-only loss mask, and the clear errors for bad input.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def check_outputs(run_dir, stage, adapter=True):
     return m, train_rows
 
 
+@pytest.mark.slow
 def test_cpt_sft_dpo_chain(toy):
     runner.run(load_pack("toy"), "pref")
 
@@ -121,7 +123,8 @@ def test_cpt_sft_dpo_chain(toy):
 
     pref, _ = check_outputs(toy, "pref")
     assert pref["method"] == "dpo" and pref["dropped_too_long"] == 1
-    assert pref["rewards/accuracies"] >= 0 and "rewards/margins" in pref
+    # the policy started equal to its reference (DPO loss ln 2, margin 0) and moved towards the chosen answers
+    assert pref["rewards/margins"] > 0 and pref["train_loss"] < math.log(2)
     assert pref["train_rows"] + pref["eval_rows"] == len(PAIRS) - 1
     log = (toy / "pref" / "log.jsonl").read_text()
     assert '"dropped_too_long": 1' in log and "rewards/margins" in log
@@ -134,6 +137,7 @@ def test_cpt_sft_dpo_chain(toy):
     assert (toy / "sft" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_orpo_with_disabled_stages(toy):
     runner.run(load_pack("toy", ["cpt.enabled=false", "sft.enabled=false", "pref.method=orpo"]), "pref")
     for stage in ("cpt", "sft"):
@@ -145,6 +149,7 @@ def test_orpo_with_disabled_stages(toy):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint(toy, monkeypatch):
     from transformers import TrainerCallback
 
@@ -195,6 +200,7 @@ def test_bad_pairs_and_options(toy, tokenizer_dir):
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("torch") is None or __import__("torch").cuda.is_available(),
     reason="QLoRA is allowed on CUDA")
+@pytest.mark.slow
 def test_qlora_on_cpu_is_a_clear_error(toy):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # overrides before --domain: `run STAGE --domain D key=value` trips argparse (see the report)
