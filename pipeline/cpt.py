@@ -16,7 +16,7 @@ from pipeline import training
 from pipeline.backend import load_model, lora_config, resolve_backend
 
 
-def run(ctx, callbacks=()) -> dict:
+def run(ctx) -> dict:
     section, pack = ctx.pack.cpt, ctx.pack
     training.check_learning_rate(section, "cpt")
     backend = resolve_backend(section, "cpt")
@@ -41,7 +41,7 @@ def run(ctx, callbacks=()) -> dict:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         peft_config=lora_config(section, backend, train_embeddings=section.train_embeddings),
-        callbacks=[training.log_callback(ctx.out / "log.jsonl"), *callbacks],
+        callbacks=[training.log_callback(ctx.out / "log.jsonl")],
     )
     metrics = {"backend": backend, "tuning": section.tuning, "train_rows": len(train_rows),
                "eval_rows": len(eval_rows), "train_embeddings": section.train_embeddings}

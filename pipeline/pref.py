@@ -49,7 +49,7 @@ def prepare_pairs(rows: list[dict], tokenizer, system_prompt: str, max_length: i
     return pairs, dropped, tokens
 
 
-def run(ctx, callbacks=()) -> dict:
+def run(ctx) -> dict:
     section, pack = ctx.pack.pref, ctx.pack
     training.check_learning_rate(section, "pref")
     backend = resolve_backend(section, "pref")
@@ -75,7 +75,7 @@ def run(ctx, callbacks=()) -> dict:
     common = dict(train_dataset=Dataset.from_list(train_pairs),
                   eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
                   processing_class=tokenizer, peft_config=lora_config(section, backend),
-                  callbacks=[training.log_callback(log_path), *callbacks])
+                  callbacks=[training.log_callback(log_path)])
     eval_strategy = "steps" if eval_pairs else "no"
     if section.method == "dpo":
         from trl import DPOConfig, DPOTrainer

@@ -18,7 +18,7 @@ from pipeline import training
 from pipeline.backend import load_model, lora_config, resolve_backend
 
 
-def run(ctx, callbacks=()) -> dict:
+def run(ctx) -> dict:
     section, pack = ctx.pack.sft, ctx.pack
     training.check_learning_rate(section, "sft")
     backend = resolve_backend(section, "sft")
@@ -63,7 +63,7 @@ def run(ctx, callbacks=()) -> dict:
         train_dataset=Dataset.from_list(train_enc),
         eval_dataset=Dataset.from_list(eval_enc) if eval_enc else None,
         peft_config=lora_config(section, backend),
-        callbacks=[training.log_callback(ctx.out / "log.jsonl"), *callbacks],
+        callbacks=[training.log_callback(ctx.out / "log.jsonl")],
     )
     metrics = {"backend": backend, "tuning": section.tuning, "train_rows": len(train_enc),
                "eval_rows": len(eval_enc), "truncated": truncated}

@@ -12,10 +12,10 @@ import math
 import os
 import subprocess
 import sys
-import types
+import time
 
 import pytest
-from conftest import REPO, make_pack, use_stage_module
+from conftest import REPO, make_pack
 
 from core.errors import PackError
 from core.pack import load_pack
@@ -150,33 +150,29 @@ def test_orpo_with_disabled_stages(toy):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_checkpoint(toy, monkeypatch):
-    from transformers import TrainerCallback
-
-    from pipeline import sft
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:  # after checkpoint-2 was written
-                raise KeyboardInterrupt("killed mid-training")
-
-    pack = load_pack("toy", ["cpt.enabled=false"])
-    for stage in ("base", "cpt"):
-        runner.run_stage(pack, stage, toy)
-    crashing = types.ModuleType("crashing_sft")
-    crashing.run = lambda ctx: sft.run(ctx, callbacks=[Kill()])
-    with monkeypatch.context() as patched:
-        use_stage_module(patched, "sft", crashing)
-        with pytest.raises(KeyboardInterrupt):
-            runner.run_stage(pack, "sft", toy)
-    assert (toy / ".work" / "sft" / "checkpoints" / "checkpoint-2").is_dir()
-    assert not (toy / "sft").exists()
+def test_killed_run_resumes_from_checkpoint(toy):
+    """kill -9 of a real `python -m pipeline run sft` once a checkpoint is on disk; the same command resumes."""
+    over = ["cpt.enabled=false", "sft.max_steps=40", "sft.save_steps=4"]
+    checkpoints = toy / ".work" / "sft" / "checkpoints"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "sft", "--domain", "toy", *over], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (checkpoints / "checkpoint-4").is_dir():  # possibly still being written when killed
+            assert proc.poll() is None and time.time() < deadline, "the stage ended before its first checkpoint"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of any kind
+        proc.wait()
+    assert not (toy / "sft").exists()  # nothing half-written was published
+    pack = load_pack("toy", over)
 
     runner.run(pack, "sft")  # the same command again
     m, log = check_outputs(toy, "sft")
-    assert m["resumed_from_step"] == 2 and m["steps"] == 4 and m["eval_loss"] < m["eval_loss_before"]
+    assert m["resumed_from_step"] >= 4 and m["steps"] == 40 and m["eval_loss"] < m["eval_loss_before"]
     steps = [r["step"] for r in log]
-    assert steps == sorted(set(steps)) and steps[-1] == 4  # the killed run's step 3 is not logged twice
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # steps the killed run logged are not logged twice
 
 
 def test_bad_pairs_and_options(toy, tokenizer_dir):
