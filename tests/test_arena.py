@@ -2,111 +2,26 @@
 gradio_client and through headless Chromium, votes found in SQLite and on the leaderboard.
 
 The models are served by the real vLLM server of conftest's `vllm_server` fixture (a tiny random model under
-a tuned and a base name). `fake_openai_server` below, a small streaming OpenAI-compatible app, serves only
-the in-process test of a model that dies mid-battle.
+a tuned and a base name). conftest's `fake_openai_server`, a small streaming OpenAI-compatible app, serves
+only the in-process test of a model that dies mid-battle.
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_pack
+from tests.conftest import REPO, fake_openai_server, free_port, make_pack, wait_http
 
 API_KEY = "test-key-123"
 RUBRIC = "# Test rubric\n\nPrefer the answer that is correct and short."
 PROMPTS = [{"prompt": "What is a bond?"}, {"prompt": "Explain compound interest."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
-                    return
-        except Exception:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-# ---------------------------------------------------------------------------- test model server
-
-
-def fake_openai_server(api_key: str) -> tuple[str, callable]:
-    """A streaming /v1/chat/completions with two models whose answers differ (tuned is longer).
-
-    Only for these tests, where vLLM is not available; returns (base url, stop function).
-    """
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
-    async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in ("t", "t-base")]})
-
-    async def chat(request):
-        if request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse({"error": {"message": "bad api key"}}, status_code=401)
-        body = await request.json()
-        last = body["messages"][-1]["content"]
-        system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
-        words = (f"[{body['model']}] turn {sum(m['role'] == 'user' for m in body['messages'])} "
-                 f"answer to: {last}").split()
-        if not body["model"].endswith("-base"):
-            words += ["with", "more", "detail", f"(system prompt {len(system)} chars)"]
-        words = words[: body.get("max_tokens", 100)]
-
-        def events():
-            cid = "chatcmpl-test"
-            for i, w in enumerate(words):
-                chunk = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": (" " if i else "") + w},
-                                      "finish_reason": None}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-                time.sleep(0.002)
-            end = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-            yield f"data: {json.dumps(end)}\n\n"
-            usage = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                     "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": len(words),
-                                              "total_tokens": 10 + len(words)}}
-            yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_http(f"http://127.0.0.1:{port}/v1/models", 30)
-
-    def stop():
-        server.should_exit = True
-        thread.join(10)
-
-    return f"http://127.0.0.1:{port}/v1", stop
 
 
 # ---------------------------------------------------------------------------------- the arena process
@@ -346,7 +261,8 @@ def test_a_failed_model_blocks_the_vote_and_is_stored(workspace):
     make_pack(workspace, "t", "name: t\nsystem_prompt: Be brief.\n")
     from core.pack import load_pack
 
-    url, stop = fake_openai_server(API_KEY)
+    server = fake_openai_server(API_KEY)
+    url = server.url
     try:
         dead = f"http://127.0.0.1:{free_port()}/v1"
         arena = Arena(pack=load_pack("t"), tuned=Side("tuned", "t", url, make_client(url, API_KEY)),
@@ -366,7 +282,7 @@ def test_a_failed_model_blocks_the_vote_and_is_stored(workspace):
         assert stored["t"] == (answer, None, 13)  # 13 streamed chunks, the usage the server reported
         assert "Connection" in stored["t-base"][1]
     finally:
-        stop()
+        server.stop()
 
 
 def test_missing_api_key_file_is_one_clear_error(workspace):
