@@ -2,7 +2,7 @@
 
 Safety is not left to a 135M-parameter model. The guard is a transparent pattern check on the latest
 user message, used in two places:
-- the arena (serve/arena.py) calls `crisis_reply(text, locale)` before sending a prompt to the models;
+- the arena (serve/battle.py) calls `crisis_reply(text, locale)` before sending a prompt to the models;
 - the OpenAI-compatible API: vLLM loads `CrisisMiddleware` with `--middleware serve.crisis.CrisisMiddleware`
   (the launcher adds it when the pack sets `serve.crisis_guard: true`), and a chat completion whose last
   user message shows risk is answered with the fixed text, streamed or not, without reaching the model.

