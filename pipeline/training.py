@@ -111,10 +111,24 @@ def log_callback(path: Path, extra_keys=()):
 
 
 def last_checkpoint(ctx) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint in ctx.out/checkpoints, deleting any newer one that a kill cut short.
 
+    The Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG state), so a
+    checkpoint whose trainer_state.json parses is whole; one killed mid-write has none, or a truncated one,
+    and resuming from it fails ("Can't find a valid checkpoint")."""
     folder = ctx.out / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    found = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[-1].isdigit())
+    for step, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            ctx.log(f"{path.name} was cut short by the interruption: deleting it")
+            shutil.rmtree(path)
+    return None
 
 
 def train(trainer, ctx) -> dict:
