@@ -38,11 +38,16 @@ def pack_path(domain: str) -> Path:
 def load_pack(domain: str, overrides: list[str] | tuple[str, ...] = ()) -> Pack:
     """Read, override and validate `domains/<domain>/pack.yaml`; raise PackError listing every problem."""
     path = pack_path(domain)
-    text = path.read_text(encoding="utf-8")
     where = show_path(path)
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PackError(f"{where}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8")
+    try:
         node = yaml.compose(text)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -53,18 +58,62 @@ def load_pack(domain: str, overrides: list[str] | tuple[str, ...] = ()) -> Pack:
     if not isinstance(raw, dict):
         raise PackError(f"{where}:1: the pack must be a mapping of keys (name:, base:, sft: ...)")
     raw.setdefault("name", domain)
+    problems = _key_problems(node, where)
+    applied: list[str] = []
 
-    problems = [p for item in overrides for p in apply_override(raw, item)]
-    if problems:
-        raise PackError(problems, "bad overrides")
+    def locate(parts: list[str]) -> str:
+        """Where the value at a key path came from: the last override that set it or a parent, else its line."""
+        key = ".".join(parts)
+        by = [item for item in applied if (key + ".").startswith(item.split("=", 1)[0].strip() + ".")]
+        return f"override {by[-1]!r}" if by else f"{where}:{_line_of(node, parts) or 1}"
+
+    refused = []
+    for item in overrides:
+        problem = apply_override(raw, item, locate)
+        refused += problem
+        applied += [] if problem else [item]
+    if refused:
+        raise PackError(problems + refused, "bad overrides")
     try:
         pack = Pack.model_validate(raw)
     except ValidationError as e:
         given = {item.split("=", 1)[0].strip(): item for item in overrides}
-        problems = [_explain(err, where, node, raw, given) for err in e.errors()]
+        problems += [_explain(err, where, node, raw, given) for err in e.errors()
+                     if err["type"] != "invalid_key" and err["loc"][-1] != "[key]"]  # _key_problems has them
+    if problems:
         raise PackError(sorted(problems, key=_line_number), f"{where} is not valid")
     pack._dir = path.parent
     return pack
+
+
+def _key_problems(node: Any, where: str) -> list[str]:
+    """Keys YAML would read wrongly, with their lines: a key given twice in one mapping (YAML keeps the last
+    silently, so an edit to the first does nothing) and a key that is not text (`3:`, `yes:`, `~:`)."""
+    problems, seen, todo = [], set(), [(node, [])]
+    while todo:
+        node, loc = todo.pop()
+        if id(node) in seen:  # an alias points back to a node already checked
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    line = k.start_mark.line + 1
+                    if k.value in first:
+                        key = ".".join([*loc, k.value])
+                        problems.append(f"{where}:{line}: {key}: key given twice (first at line {first[k.value]}); "
+                                        "YAML would keep only this one: delete one of them")
+                    first.setdefault(k.value, line)
+                    if k.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"):  # merge: `<<: *anchor`
+                        key = ".".join([*loc, k.value])
+                        as_what = k.tag.rsplit(":", 1)[-1]
+                        problems.append(f"{where}:{line}: {key}: YAML reads this key as {as_what}, not text; "
+                                        f"quote it (\"{k.value}\":) or fix the line")
+                todo.append((v, [*loc, str(k.value)]))
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [(v, [*loc, str(i)]) for i, v in enumerate(node.value)]
+    return sorted(problems, key=_line_number)
 
 
 def _explain(err: dict, where: str, node: Any, raw: dict, given: dict[str, str] | None = None) -> str:
@@ -73,8 +122,11 @@ def _explain(err: dict, where: str, node: Any, raw: dict, given: dict[str, str] 
     line = _line_of(node, loc)
     at = f"{where}:{line}" if line else where
     set_by = [item for path, item in (given or {}).items() if key == path or key.startswith(path + ".")]
+    inside = [item for path, item in (given or {}).items() if path.startswith(key + ".")]
     if set_by:  # the value came from the command line, not from the file
         at = f"override {set_by[0]!r}"
+    elif inside:  # a check of a whole section, which an override changed part of
+        at = f"override {inside[0]!r}" if line is None else f"{at} with override {inside[0]!r}"
     if err["type"] == "extra_forbidden":
         parent_model = model_at(loc[:-1])
         choices = list(parent_model.model_fields) if parent_model else []
@@ -84,7 +136,8 @@ def _explain(err: dict, where: str, node: Any, raw: dict, given: dict[str, str] 
     if err["type"] == "missing":
         return f"{at}: {key}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{at}: {key}: {msg} (got {err.get('input')!r})"
+    got = repr(err.get("input"))
+    return f"{at}: {key}: {msg} (got {got if len(got) <= 100 else got[:97] + '...'})"
 
 
 def _line_number(problem: str) -> int:
