@@ -15,13 +15,13 @@ import yaml
 from pydantic import ValidationError
 
 from core.errors import PackError, show_path
-from core.layout import domains_dir
+from core.layout import check_domain, domains_dir
 from core.overrides import apply_override, model_at
 from core.schema import Pack
 
 
 def pack_path(domain: str) -> Path:
-    path = domains_dir() / domain / "pack.yaml"
+    path = domains_dir() / check_domain(domain) / "pack.yaml"
     if not (domains_dir() / domain).is_dir():
         known = sorted(p.parent.name for p in domains_dir().glob("*/pack.yaml"))
         hint = difflib.get_close_matches(domain, known, n=1)

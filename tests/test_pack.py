@@ -149,6 +149,9 @@ def test_unknown_domain_and_missing_pack(workspace):
                                       "Known domains: finance. A new domain is a copy of one of them."]
     (workspace / "domains" / "empty").mkdir()
     assert problems_of("empty") == ["domains/empty/pack.yaml is missing: every domain folder needs a pack.yaml (copy one)."]
+    for bad in ("", "..", "../domains", "finance/../finance"):  # never a path out of domains/ or runs/
+        assert problems_of(bad) == [f"domain {bad!r} is not a plain name (letters, digits, - and _); "
+                                    "name a folder of domains/, e.g. --domain finance"]
 
 
 def test_cli_exits_2_without_traceback_and_leaves_runs_alone(workspace):
