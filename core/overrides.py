@@ -111,6 +111,9 @@ def apply_override(raw: dict, item: str, locate: Callable[[list[str]], str] = la
         return [f"override '{item}': write it as key.path=value, e.g. sft.learning_rate=1e-4"]
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
+    if not all(parts):
+        return [f"override {item!r}: {key.strip()!r} is not a key path; write it as key.path=value, "
+                "e.g. sft.learning_rate=1e-4"]
     problem, annotation = _schema_walk(key, parts)
     if problem:
         return [problem]

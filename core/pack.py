@@ -121,12 +121,17 @@ def _explain(err: dict, where: str, node: Any, raw: dict, given: dict[str, str] 
     key = ".".join(loc) or "(top level)"
     line = _line_of(node, loc)
     at = f"{where}:{line}" if line else where
-    set_by = [item for path, item in (given or {}).items() if key == path or key.startswith(path + ".")]
-    inside = [item for path, item in (given or {}).items() if path.startswith(key + ".")]
+    given = given or {}
+    set_by = [item for path, item in given.items() if key == path or key.startswith(path + ".")]
+    in_file = _depth_in_file(node, loc)
+    created = [item for path, item in given.items() if _shared(path.split("."), loc) > in_file]
+    inside = [item for path, item in given.items() if path.startswith(key + ".")]
     if set_by:  # the value came from the command line, not from the file
         at = f"override {set_by[0]!r}"
+    elif created:  # a section the file lacks, which an override started (eval.judge.model=x: base_url missing)
+        at = f"override {created[0]!r}"
     elif inside:  # a check of a whole section, which an override changed part of
-        at = f"override {inside[0]!r}" if line is None else f"{at} with override {inside[0]!r}"
+        at = f"{at} with override {inside[0]!r}"
     if err["type"] == "extra_forbidden":
         parent_model = model_at(loc[:-1])
         choices = list(parent_model.model_fields) if parent_model else []
@@ -159,6 +164,28 @@ def _clean_loc(raw: Any, loc: tuple) -> list[str]:
             out.append(part)  # a key that is missing from the YAML
             cur = None
     return out
+
+
+def _shared(a: list[str], b: list[str]) -> int:
+    """How many leading parts two key paths share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _depth_in_file(node: Any, loc: list[str]) -> int:
+    """How many leading parts of a key path the YAML file itself has."""
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+        else:
+            node = None
+        if node is None:
+            return depth
+    return len(loc)
 
 
 def _line_of(node: Any, loc: list[str]) -> int | None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 from importlib import metadata
 from pathlib import Path
 
-from core.errors import PackError
+from core.errors import PackError, show_path
 from core.schema import EMBEDDED
 
 CHATML = (
@@ -121,8 +122,31 @@ def set_chat_template(tokenizer, choice: str, pack_dir: Path) -> str:
                             "tokenizer lacks; use the model's own template or a .jinja file")
         tokenizer.chat_template = CHATML
         return "chatml"
-    tokenizer.chat_template = (pack_dir / choice).read_text(encoding="utf-8")
+    tokenizer.chat_template = read_chat_template(pack_dir, choice)
     return choice
+
+
+def read_chat_template(pack_dir: Path, choice: str) -> str:
+    """A base.chat_template file's text, checked: present, UTF-8 and Jinja that parses (else PackError)."""
+    import jinja2
+
+    path = pack_dir / choice
+    fix = "use 'model', 'chatml' or a .jinja file in the pack folder"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError:
+        raise PackError(f"base.chat_template: file {show_path(path)} not found; {fix}")
+    except UnicodeDecodeError as e:
+        raise PackError(f"base.chat_template: {show_path(path)} is not valid UTF-8 (byte {e.start + 1}); "
+                        "save it as UTF-8")
+    # transformers renders with loop controls and its own {% generation %} tag (assistant masks): allow both
+    plain = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", text)
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(plain)
+    except jinja2.TemplateSyntaxError as e:
+        raise PackError(f"{show_path(path)}:{e.lineno}: base.chat_template is not a valid Jinja template "
+                        f"({e.message}); fix it or {fix}")
+    return text
 
 
 def eos_ids(tokenizer) -> list[int]:

@@ -94,6 +94,11 @@ def test_overrides_reach_nested_keys_lists_and_free_form_mappings(workspace):
     ("cpt.datasets.x=1", "override 'cpt.datasets.x': 'cpt.datasets' is a list; index it with a number"),
     ("cpt.datasets.5.path=a.jsonl", "override 'cpt.datasets.5.path': index 5 is past the end of the list (1 items)"),
     ("nonsense", "override 'nonsense': write it as key.path=value, e.g. sft.learning_rate=1e-4"),
+    ("sft..learning_rate=1", "override 'sft..learning_rate=1': 'sft..learning_rate' is not a key path; write it "
+                             "as key.path=value, e.g. sft.learning_rate=1e-4"),
+    ("=1", "override '=1': '' is not a key path; write it as key.path=value, e.g. sft.learning_rate=1e-4"),
+    # A section the file lacks, started by the override: the override is named, not the file.
+    ("eval.judge.model=m", "override 'eval.judge.model=m': eval.judge.base_url: required key is missing"),
     # A value the schema refuses: named by the override that set it, not by a line of the file.
     ("sft.tuning=lorra", "override 'sft.tuning=lorra': sft.tuning: Input should be 'lora', 'qlora' or 'full' (got 'lorra')"),
 ])
@@ -326,3 +331,20 @@ def test_cli_show_with_an_override_into_a_plain_section_exits_2(workspace):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: override 'serve.max_model_len=1024': serve is 'fast' in "
                                   "domains/toy/pack.yaml:3, not a mapping")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "domains/toy/pack.yaml: base.chat_template: file domains/toy/chat.jinja not found; use 'model', "
+           "'chatml' or a .jinja file in the pack folder"),
+    (b"{{ caf\xe9 }}", "domains/toy/pack.yaml: base.chat_template: domains/toy/chat.jinja is not valid UTF-8 "
+                       "(byte 7); save it as UTF-8"),
+    (b"{% for m in messages %}\n{{ m.content }\n{% endfor %}",
+     "domains/toy/chat.jinja:2: base.chat_template is not a valid Jinja template (unexpected '}'); fix it or use "
+     "'model', 'chatml' or a .jinja file in the pack folder"),
+    (b"{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", None),
+])
+def test_chat_template_file_is_checked(workspace, content, expected):
+    folder = make_pack(workspace, "toy", GOOD + "    base: {chat_template: chat.jinja}\n", GOOD_FILES)
+    if content is not None:
+        (folder / "chat.jinja").write_bytes(content)
+    assert problems_of("toy") == ([expected] if expected else [])
