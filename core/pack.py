@@ -1,7 +1,9 @@
 """Loading a domain pack: read `domains/<name>/pack.yaml`, apply overrides, validate against core/schema.py.
 
 Every problem is reported at once with the file, the line and the key path (or the command-line override that
-set the value), as one PackError:
+set the value), as one PackError. Beyond the schema, the YAML itself is checked for what it would otherwise
+read silently wrong: a key given twice (the last would win), a key that is not text (`3:`, `yes:`), bytes
+that are not UTF-8.
 
     python -m pipeline validate --domain finance sft.learning_rate=1e-4
 """

@@ -10,7 +10,9 @@ Row kinds and their fields (a source's `columns` maps these names to the dataset
     prompt  {"prompt": str}                                       eval.prompts
 
 Local files are .jsonl (one object a line), .parquet, or .txt (paragraphs split on blank lines).
-Every problem names the file and line; hub datasets go through the same column mapping and checks.
+Every problem names the file and line; hub datasets go through the same column mapping and checks. Nothing
+is coerced: a null, a number or a list where text belongs, an unknown role, an empty assistant answer or a
+line that is not valid UTF-8 is a problem, never a row trained on or a traceback.
 A training stage's row kind is in core/stages.py (`Stage.rows`).
 """
 from __future__ import annotations
