@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from core.errors import PackError, show_path
@@ -31,8 +32,16 @@ def runs_dir() -> Path:
     return Path(os.environ.get("RUNS_DIR", REPO / "runs"))
 
 
+def check_domain(domain: str) -> str:
+    """A domain is a plain folder name: '', '..' or 'a/b' would read or delete outside domains/<name>."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", domain):
+        raise PackError(f"domain {domain!r} is not a plain name (letters, digits, - and _); "
+                        "name a folder of domains/, e.g. --domain finance")
+    return domain
+
+
 def run_dir(domain: str) -> Path:
-    return runs_dir() / domain
+    return runs_dir() / check_domain(domain)
 
 
 def stage_dir(run: Path, stage: str) -> Path:

@@ -10,7 +10,9 @@ Row kinds and their fields (a source's `columns` maps these names to the dataset
     prompt  {"prompt": str}                                       eval.prompts
 
 Local files are .jsonl (one object a line), .parquet, or .txt (paragraphs split on blank lines).
-Every problem names the file and line; hub datasets go through the same column mapping and checks.
+Every problem names the file and line; hub datasets go through the same column mapping and checks. Nothing
+is coerced: a null, a number or a list where text belongs, an unknown role, an empty assistant answer or a
+line that is not valid UTF-8 is a problem, never a row trained on or a traceback.
 A training stage's row kind is in core/stages.py (`Stage.rows`).
 """
 from __future__ import annotations
@@ -40,22 +42,47 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _lines(path: Path, where: str) -> tuple[list[tuple[int, str]], list[str]]:
+    """(line number, text) of a text file and its problems. Decoded a line at a time, so a stray Latin-1 byte
+    is one problem naming its line instead of a UnicodeDecodeError for the whole file."""
+    lines, problems = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"{where}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                                "the line); save the file as UTF-8")
+                continue
+            lines.append((n, text.removeprefix("\ufeff") if n == 1 else text))  # the BOM some editors write
+    return lines, problems
+
+
 def _read_local(path: Path, where: str) -> tuple[list[tuple[str, Any]], list[str]]:
     """(location, record) pairs and problems. Location is 'file:line' or 'file:row N'."""
     records: list[tuple[str, Any]] = []
-    problems: list[str] = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # a damaged or mislabelled file is the user's to fix
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return [], [f"{where}: not a readable parquet file ({reason}); write it with pandas' "
+                        "DataFrame.to_parquet, or use a .jsonl file"]
+        return [(f"{where}:row {i + 1}", r) for i, r in enumerate(rows)], []
+    lines, problems = _lines(path, where)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append((f"{where}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    problems.append(f"{where}:{n}: not valid JSON ({e.msg} at column {e.colno}); one object a line")
-    elif path.suffix == ".txt":
+        for n, line in lines:
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{where}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}:{n}: not valid JSON ({e.msg} at column {e.colno}); one object a line")
+    else:  # .txt: paragraphs split on blank lines
         start, para = 1, []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], 1):
+        for n, line in lines + [(len(lines) + 1, "")]:
             if line.strip():
                 if not para:
                     start = n
@@ -63,14 +90,6 @@ def _read_local(path: Path, where: str) -> tuple[list[tuple[str, Any]], list[str
             elif para:
                 records.append((f"{where}:{start}", {"text": "\n".join(para)}))
                 para = []
-    else:  # .parquet
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # a damaged file is the user's to fix
-            return [], [f"{where}: cannot read parquet ({e})"]
-        records = [(f"{where}:row {i + 1}", r) for i, r in enumerate(rows)]
     return records, problems
 
 
@@ -99,42 +118,86 @@ def _from_sharegpt(value: Any) -> Any:
     return value
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
-    )
+def _kind_of(value: Any) -> str:
+    """A JSON value's kind as the user wrote it, for 'got ...' in a problem."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string" if value.strip() else "only whitespace" if value else "an empty string"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _text(value: Any, name: str, empty_ok: bool = False) -> list[str]:
+    """Problems of a field that must be a string (non-empty unless empty_ok)."""
+    if isinstance(value, str) and (empty_ok or value.strip()):
+        return []
+    return [f"'{name}' must be a {'' if empty_ok else 'non-empty '}string, got {_kind_of(value)}"]
+
+
+def _messages(value: Any, name: str) -> list[str]:
+    """Problems of an OpenAI message list: objects with a known role and string content; an assistant turn
+    (what the model learns to say) must not be empty."""
+    if not isinstance(value, list) or not value:
+        return [f"'{name}' must be a non-empty list of {{role: system|user|assistant, content: str}}, "
+                f"got {_kind_of(value)}"]
+    problems = []
+    for i, m in enumerate(value):
+        at = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            problems.append(f"'{at}' must be an object {{role, content}}, got {_kind_of(m)}")
+            continue
+        if m.get("role") not in ROLES:
+            problems.append(f"'{at}.role' must be system, user or assistant, got {m.get('role')!r}")
+        problems += _text(m.get("content"), f"{at}.content", empty_ok=m.get("role") != "assistant")
+    return problems
+
+
+def _answer(value: Any, name: str) -> list[str]:
+    """A preference side: a non-empty string, or messages ending with a non-empty assistant turn."""
+    if not isinstance(value, list):
+        return _text(value, name)
+    problems = _messages(value, name)
+    if not problems and value[-1]["role"] != "assistant":
+        problems.append(f"'{name}' must end with the assistant's answer, got role {value[-1]['role']!r} last")
+    return problems
 
 
 def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
-    """Normalise one mapped row; return (row or None, problems)."""
-    need = {"text": ["text"], "prompt": ["prompt"], "pref": ["prompt", "chosen", "rejected"]}.get(kind)
-    if kind == "chat":
-        if "messages" not in row:
-            need = ["instruction", "output"]
-        else:
-            msgs = _from_sharegpt(row["messages"])
-            if not _is_messages(msgs) or not msgs:
-                return None, [f"{at}: 'messages' must be a list of {{role: system|user|assistant, content: str}}"]
-            if msgs[-1]["role"] != "assistant":
-                return None, [f"{at}: the last message must be the assistant's answer"]
-            return {"messages": msgs}, []
+    """Normalise one mapped row; return (row or None, problems). Every problem of the row is listed."""
+    if kind == "chat" and "messages" in row:
+        msgs = _from_sharegpt(row["messages"])
+        problems = _messages(msgs, "messages")
+        if not problems and msgs[-1]["role"] != "assistant":
+            problems.append(f"the last message must be the assistant's answer, got role {msgs[-1]['role']!r}")
+        return (None if problems else {"messages": msgs}), [f"{at}: {p}" for p in problems]
+    need = {"text": ["text"], "prompt": ["prompt"], "pref": ["prompt", "chosen", "rejected"],
+            "chat": ["instruction", "output"]}[kind]
     missing = [k for k in need if k not in row]
     if missing:
         return None, [f"{at}: missing column {', '.join(repr(m) for m in missing)} (present: {', '.join(row)}); "
                       "map it with the source's `columns:`"]
     if kind == "chat":
+        problems = _text(row["instruction"], "instruction") + _text(row["output"], "output")
+        if row.get("input") is not None:
+            problems += _text(row["input"], "input", empty_ok=True)
+    elif kind == "pref":
+        prompt = _messages(row["prompt"], "prompt") if isinstance(row["prompt"], list) else _text(row["prompt"], "prompt")
+        problems = prompt + _answer(row["chosen"], "chosen") + _answer(row["rejected"], "rejected")
+        if not problems and row["chosen"] == row["rejected"]:
+            problems = ["'chosen' and 'rejected' are identical; a pair must differ"]
+    else:
+        problems = _text(row[need[0]], need[0])
+    if problems:
+        return None, [f"{at}: {p}" for p in problems]
+    if kind == "chat":
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}, []
-    problems = []
-    for k in need:
-        v = row[k]
-        ok = bool(v.strip()) if isinstance(v, str) else kind == "pref" and _is_messages(v) and len(v) > 0
-        if not ok:
-            problems.append(f"{at}: '{k}' must be a non-empty string" + (" or message list" if kind == "pref" else ""))
-    if problems:
-        return None, problems
-    if kind == "pref" and row["chosen"] == row["rejected"]:
-        return None, [f"{at}: 'chosen' and 'rejected' are identical; a pair must differ"]
     return {k: row[k] for k in need}, []
 
 
@@ -159,7 +222,10 @@ def load_source(src: Source, pack_dir: Path, kind: str) -> tuple[list[dict], lis
         where = show_path(path)
         if not path.is_file():
             return [], [f"{where}: file not found (listed as path: {src.path}); create it or fix the path"]
-        records, problems = _read_local(path, where)
+        try:
+            records, problems = _read_local(path, where)
+        except OSError as e:  # unreadable (permissions, a folder named like a file)
+            return [], [f"{where}: cannot be read ({e.strerror or e}); check its permissions"]
     else:
         records, problems = _read_hub(src), []
     rows, dropped = [], 0
@@ -167,7 +233,7 @@ def load_source(src: Source, pack_dir: Path, kind: str) -> tuple[list[dict], lis
     ratings = src.drop_if_rejected_rated_higher if kind == "pref" else None
     for at, rec in records:
         if not isinstance(rec, dict):
-            problems.append(f"{at}: expected a JSON object, got {type(rec).__name__}")
+            problems.append(f"{at}: expected one JSON object ({{...}}) a line, got {_kind_of(rec)}")
             continue
         if ratings:
             rated, rating_problem = _rejected_rated_higher(rec, ratings, at)

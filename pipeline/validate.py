@@ -9,6 +9,7 @@ from core.rows import EVAL_KIND, load_source
 from core.schema import Pack
 from core.stages import BY_NAME, TRAIN_STAGES
 from merge.recipes import validate_merge
+from pipeline.base import read_chat_template
 
 
 def validate_data(pack: Pack) -> list[str]:
@@ -44,8 +45,10 @@ def validate_data(pack: Pack) -> list[str]:
     base = pack.base
     if base.model.startswith((".", "/")) and not (pack.dir / base.model).is_dir():
         problems.append(f"{where}: base.model: folder {base.model} not found (relative to the pack folder)")
-    if base.chat_template not in ("model", "chatml") and not (pack.dir / base.chat_template).is_file():
-        problems.append(f"{where}: base.chat_template: file {base.chat_template} not found; "
-                        "use 'model', 'chatml' or a .jinja file in the pack folder")
+    if base.chat_template not in ("model", "chatml"):
+        try:
+            read_chat_template(pack.dir, base.chat_template)
+        except PackError as e:
+            problems.append(f"{where}: {e.problems[0]}" if e.problems[0].startswith("base.") else e.problems[0])
     problems += validate_merge(pack)
     return problems

@@ -94,6 +94,11 @@ def test_overrides_reach_nested_keys_lists_and_free_form_mappings(workspace):
     ("cpt.datasets.x=1", "override 'cpt.datasets.x': 'cpt.datasets' is a list; index it with a number"),
     ("cpt.datasets.5.path=a.jsonl", "override 'cpt.datasets.5.path': index 5 is past the end of the list (1 items)"),
     ("nonsense", "override 'nonsense': write it as key.path=value, e.g. sft.learning_rate=1e-4"),
+    ("sft..learning_rate=1", "override 'sft..learning_rate=1': 'sft..learning_rate' is not a key path; write it "
+                             "as key.path=value, e.g. sft.learning_rate=1e-4"),
+    ("=1", "override '=1': '' is not a key path; write it as key.path=value, e.g. sft.learning_rate=1e-4"),
+    # A section the file lacks, started by the override: the override is named, not the file.
+    ("eval.judge.model=m", "override 'eval.judge.model=m': eval.judge.base_url: required key is missing"),
     # A value the schema refuses: named by the override that set it, not by a line of the file.
     ("sft.tuning=lorra", "override 'sft.tuning=lorra': sft.tuning: Input should be 'lora', 'qlora' or 'full' (got 'lorra')"),
 ])
@@ -149,6 +154,9 @@ def test_unknown_domain_and_missing_pack(workspace):
                                       "Known domains: finance. A new domain is a copy of one of them."]
     (workspace / "domains" / "empty").mkdir()
     assert problems_of("empty") == ["domains/empty/pack.yaml is missing: every domain folder needs a pack.yaml (copy one)."]
+    for bad in ("", "..", "../domains", "finance/../finance"):  # never a path out of domains/ or runs/
+        assert problems_of(bad) == [f"domain {bad!r} is not a plain name (letters, digits, - and _); "
+                                    "name a folder of domains/, e.g. --domain finance"]
 
 
 def test_cli_exits_2_without_traceback_and_leaves_runs_alone(workspace):
@@ -206,3 +214,137 @@ pref:
     with pytest.raises(PackError) as err:
         load_rows(load_pack("rated"), load_pack("rated").sources("pref"), "pref", "pref.datasets")
     assert "pref.jsonl:3" in str(err.value) and "'safe_r'" in str(err.value)
+
+
+DUPLICATES = """\
+    name: toy
+    sft:
+      learning_rate: 1.0e-4
+      lora: {r: 8, r: 4}
+      learning_rate: 2.0e-4
+    cpt:
+      datasets:
+        - {path: data/cpt.jsonl, licence: permissive, licence: non-commercial}
+    3: x
+    yes: 1
+"""
+
+
+def test_keys_given_twice_or_not_text_are_refused_with_their_lines(workspace):
+    make_pack(workspace, "toy", DUPLICATES, GOOD_FILES)
+    assert problems_of("toy") == [
+        "domains/toy/pack.yaml:4: sft.lora.r: key given twice (first at line 4); "
+        "YAML would keep only this one: delete one of them",
+        "domains/toy/pack.yaml:5: sft.learning_rate: key given twice (first at line 3); "
+        "YAML would keep only this one: delete one of them",
+        "domains/toy/pack.yaml:8: cpt.datasets.0.licence: key given twice (first at line 8); "
+        "YAML would keep only this one: delete one of them",
+        "domains/toy/pack.yaml:9: 3: YAML reads this key as int, not text; quote it (\"3\":) or fix the line",
+        "domains/toy/pack.yaml:10: yes: YAML reads this key as bool, not text; quote it (\"yes\":) or fix the line",
+    ]
+
+
+def test_pack_yaml_that_is_not_utf8(workspace):
+    folder = make_pack(workspace, "toy", GOOD, GOOD_FILES)
+    (folder / "pack.yaml").write_bytes(GOOD.replace("    ", "", 1).encode().replace(b"a toy", b"a caf\xe9"))
+    assert problems_of("toy") == ["domains/toy/pack.yaml:2: not valid UTF-8 (byte 0xe9); save the file as UTF-8"]
+
+
+@pytest.mark.parametrize("yaml_edit, overrides, expected", [
+    (("2.0e-4", ".inf"), [], "domains/toy/pack.yaml:9: sft.learning_rate: Input should be a finite number (got inf)"),
+    (("2.0e-4", ".nan"), [], "domains/toy/pack.yaml:9: sft.learning_rate: Input should be a finite number (got nan)"),
+    (None, ["sft.learning_rate=inf"],
+     "override 'sft.learning_rate=inf': sft.learning_rate: Input should be a finite number (got 'inf')"),
+    (None, ["sft.learning_rate=nan"],
+     "override 'sft.learning_rate=nan': sft.learning_rate: Input should be a finite number (got 'nan')"),
+    (None, ["serve.temperature=-.inf"],
+     "override 'serve.temperature=-.inf': serve.temperature: Input should be a finite number (got -inf)"),
+    (None, ["cpt.lora.lora_dropout=.nan"],
+     "override 'cpt.lora.lora_dropout=.nan': cpt.lora.lora_dropout: Input should be a finite number (got nan)"),
+    (None, ["pref.num_train_epochs=Infinity"],
+     "override 'pref.num_train_epochs=Infinity': pref.num_train_epochs: Input should be a finite number "
+     "(got 'Infinity')"),
+    (None, ["merge.config.parameters.t=nan"],
+     "override 'merge.config.parameters.t=nan': merge.config: parameters.t is nan; a merge parameter must be a "
+     "finite number (got {'parameters': {'t': 'nan'}})"),
+])
+def test_inf_and_nan_are_refused_for_every_number(workspace, yaml_edit, overrides, expected):
+    make_pack(workspace, "toy", GOOD.replace(*yaml_edit) if yaml_edit else GOOD, GOOD_FILES)
+    assert problems_of("toy", overrides) == [expected]
+
+
+PLAIN_SECTIONS = GOOD.replace("""\
+    cpt:
+      datasets:
+        - {path: data/cpt.jsonl, licence: permissive}
+""", """\
+    serve: fast
+    cpt:
+      datasets: data/cpt.jsonl
+    merge:
+      config: {dtype: float32}
+""")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["serve.max_model_len=1024"],
+     "override 'serve.max_model_len=1024': serve is 'fast' in domains/toy/pack.yaml:3, not a mapping, so "
+     "'serve.max_model_len' cannot be set inside it; write serve as a mapping there, or override serve whole"),
+    (["cpt.datasets.0.path=data/x.jsonl"],
+     "override 'cpt.datasets.0.path=data/x.jsonl': cpt.datasets is 'data/cpt.jsonl' in domains/toy/pack.yaml:5, "
+     "not a list, so 'cpt.datasets.0.path' cannot be set inside it; write cpt.datasets as a list there, or "
+     "override cpt.datasets whole"),
+    (["merge.config.dtype.x=1"],
+     "override 'merge.config.dtype.x=1': merge.config.dtype is 'float32' in domains/toy/pack.yaml:7, not a "
+     "mapping, so 'merge.config.dtype.x' cannot be set inside it; write merge.config.dtype as a mapping there, "
+     "or override merge.config.dtype whole"),
+    (["pref.datasets={a: 1}", "pref.datasets.0.path=x.jsonl"],
+     "override 'pref.datasets.0.path=x.jsonl': pref.datasets is {'a': 1} in override 'pref.datasets={a: 1}', "
+     "not a list, so 'pref.datasets.0.path' cannot be set inside it; write pref.datasets as a list there, or "
+     "override pref.datasets whole"),
+    (["sft.lora.target_modules=[q_proj"],
+     "override 'sft.lora.target_modules=[q_proj': the value is not valid YAML (expected ',' or ']', but got "
+     "'<stream end>'); fix its brackets or quotes"),
+    (["sft.learning_rate=\"1e-4"],
+     "override 'sft.learning_rate=\"1e-4': the value is not valid YAML (found unexpected end of stream); "
+     "fix its brackets or quotes"),
+])
+def test_overrides_into_plain_values_or_with_bad_yaml_are_one_error(workspace, overrides, expected):
+    make_pack(workspace, "toy", PLAIN_SECTIONS, GOOD_FILES)
+    assert problems_of("toy", overrides) == [expected]
+
+
+def test_text_overrides_are_taken_literally(workspace):
+    make_pack(workspace, "toy", GOOD, GOOD_FILES)
+    text = "You are: a helper # not a comment; 'quoted' \"too\" $(id) `id` [x"
+    pack = load_pack("toy", [f"system_prompt={text}", "cpt.datasets.0.licence_name=CC-BY: 4.0",
+                             "cpt.datasets.0.subset=null"])
+    assert pack.system_prompt == text and pack.cpt.datasets[0].licence_name == "CC-BY: 4.0"
+    assert pack.cpt.datasets[0].subset is None
+
+
+def test_cli_show_with_an_override_into_a_plain_section_exits_2(workspace):
+    make_pack(workspace, "toy", PLAIN_SECTIONS, GOOD_FILES)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "show", "--domain", "toy", "serve.max_model_len=1024"],
+                          capture_output=True, text=True, env=env, cwd=workspace)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: override 'serve.max_model_len=1024': serve is 'fast' in "
+                                  "domains/toy/pack.yaml:3, not a mapping")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "domains/toy/pack.yaml: base.chat_template: file domains/toy/chat.jinja not found; use 'model', "
+           "'chatml' or a .jinja file in the pack folder"),
+    (b"{{ caf\xe9 }}", "domains/toy/pack.yaml: base.chat_template: domains/toy/chat.jinja is not valid UTF-8 "
+                       "(byte 7); save it as UTF-8"),
+    (b"{% for m in messages %}\n{{ m.content }\n{% endfor %}",
+     "domains/toy/chat.jinja:2: base.chat_template is not a valid Jinja template (unexpected '}'); fix it or use "
+     "'model', 'chatml' or a .jinja file in the pack folder"),
+    (b"{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", None),
+])
+def test_chat_template_file_is_checked(workspace, content, expected):
+    folder = make_pack(workspace, "toy", GOOD + "    base: {chat_template: chat.jinja}\n", GOOD_FILES)
+    if content is not None:
+        (folder / "chat.jinja").write_bytes(content)
+    assert problems_of("toy") == ([expected] if expected else [])

@@ -6,11 +6,14 @@ runner's semantics are checked in milliseconds; the real stages have their own t
 from __future__ import annotations
 
 import json
+import os
+import sys
 import types
 
 import pytest
 from conftest import make_pack, use_stage_module
 
+from core import stages
 from core.errors import PackError
 from core.pack import load_pack
 from pipeline import runner
@@ -30,7 +33,7 @@ FILES = {
 
 @pytest.fixture
 def fake_stages(monkeypatch):
-    """base, cpt, sft as fake modules that record each call and write a 'model' folder."""
+    """base ... merge as fake modules that record each call and write a 'model' folder."""
     calls: list[str] = []
     crash = {"stage": None}
 
@@ -46,7 +49,7 @@ def fake_stages(monkeypatch):
         mod.run = run
         use_stage_module(monkeypatch, stage, mod)
 
-    for stage in ("base", "cpt", "sft"):
+    for stage in ("base", "cpt", "sft", "pref", "merge"):
         make(stage)
     return calls, crash
 
@@ -140,3 +143,103 @@ def test_unknown_stage_and_concurrent_run_are_clear_errors(workspace, fake_stage
     with runner.RunLock(run_dir):
         with pytest.raises(PackError, match="another run of 'toy' is in progress"):
             runner.run(load_pack("toy"), "base")
+
+
+def test_a_changed_jinja_chat_template_reruns_base_and_what_follows(workspace, fake_stages):
+    calls, _ = fake_stages
+    folder = make_pack(workspace, "toy", PACK + "    base: {chat_template: chat.jinja}\n", FILES)
+    (folder / "chat.jinja").write_text("{{ messages }}")
+    runner.run(load_pack("toy"), "sft")
+    runner.run(load_pack("toy"), "sft")
+    assert calls == ["base", "cpt", "sft"]
+    (folder / "chat.jinja").write_text("{{ messages }}\n")  # same name, other content
+    runner.run(load_pack("toy"), "sft")
+    assert calls == ["base", "cpt", "sft"] * 2
+    info = json.loads((workspace / "runs/toy/base/stage.json").read_text())
+    assert list(info["inputs"]["data"]) == ["chat.jinja"]
+
+
+def test_a_changed_local_base_model_reruns_base(workspace, fake_stages):
+    calls, _ = fake_stages
+    make_pack(workspace, "toy", PACK + "    base: {model: ../../models/tiny}\n", FILES)
+    model = workspace / "models" / "tiny"
+    model.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (model / name).write_text(name)
+    (model / ".git").mkdir()
+    runner.run(load_pack("toy"), "base")
+    (model / ".git" / "HEAD").write_text("not the model")
+    runner.run(load_pack("toy"), "base")
+    assert calls == ["base"]
+    (model / "tokenizer.json").write_text("another vocabulary")  # tokenizer files: by content
+    runner.run(load_pack("toy"), "base")
+    assert calls == ["base"] * 2
+    weights = model / "model.safetensors"  # weights: by size and mtime (named in stage.json)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    runner.run(load_pack("toy"), "base")
+    assert calls == ["base"] * 3
+    identity = json.loads((workspace / "runs/toy/base/stage.json").read_text())["inputs"]["model"]["folder"]
+    assert identity["model.safetensors"].startswith("size 17 mtime ") and identity["config.json"].startswith("sha256 ")
+
+
+def test_a_new_hub_revision_reruns_base_and_a_first_download_does_not(workspace, fake_stages, monkeypatch):
+    from huggingface_hub import constants
+
+    calls, _ = fake_stages
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workspace / "hub"))
+    ref = workspace / "hub" / "models--org--model" / "refs" / "main"
+    base_run = sys.modules[stages.BY_NAME["base"].module].run
+
+    def downloading_base(ctx):  # the first run fetches the model into the cache
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.exists() or ref.write_text("aaa")
+        return base_run(ctx)
+    monkeypatch.setattr(sys.modules[stages.BY_NAME["base"].module], "run", downloading_base)
+    make_pack(workspace, "toy", PACK + "    base: {model: org/model}\n", FILES)
+    runner.run(load_pack("toy"), "base")
+    runner.run(load_pack("toy"), "base")
+    assert calls == ["base"]
+    ref.write_text("bbb")  # the cache now holds another revision of the same id
+    runner.run(load_pack("toy"), "base")
+    assert calls == ["base"] * 2
+    assert json.loads((workspace / "runs/toy/base/stage.json").read_text())["inputs"]["model"] == {"hub_revision": "bbb"}
+
+
+SEARCH = PACK + """\
+    merge: {search: t}
+    eval:
+      sft: [{path: data/eval/sft.jsonl, licence: permissive}]
+      text: [{path: data/eval/text.jsonl, licence: permissive}]
+"""
+
+
+@pytest.mark.parametrize("search, reruns", [("t", True), ("none", False)])
+def test_merge_search_reruns_when_its_held_out_data_changes(workspace, fake_stages, search, reruns):
+    calls, _ = fake_stages
+    files = {**FILES, "data/eval/sft.jsonl": FILES["data/sft.jsonl"], "data/eval/text.jsonl": [{"text": "held"}]}
+    folder = make_pack(workspace, "toy", SEARCH.replace("search: t", f"search: {search}"), files)
+    runner.run(load_pack("toy"), "merge")
+    assert calls == ["base", "cpt", "sft", "pref", "merge"]
+    (folder / "data/eval/text.jsonl").write_text('{"text": "other"}\n')
+    runner.run(load_pack("toy"), "merge")
+    assert calls[5:] == (["merge"] if reruns else [])
+    runner.run(load_pack("toy", ["eval.sft.0.columns={messages: turns}"]), "merge")  # how rows are read, too
+    assert calls[5:] == (["merge"] * 2 if reruns else [])
+
+
+def test_other_package_versions_warn_once_per_stage_without_rerunning(workspace, fake_stages, monkeypatch, capsys):
+    calls, _ = fake_stages
+    make_pack(workspace, "toy", PACK, FILES)
+    runner.run(load_pack("toy"), "sft")
+    built = runner.package_versions()
+    runner.run(load_pack("toy"), "sft")
+    assert "warning" not in capsys.readouterr().out
+    monkeypatch.setattr(runner, "package_versions", lambda: {**built, "transformers": "99.0", "trl": "0.0.1"})
+    runner.run(load_pack("toy"), "sft")
+    assert calls == ["base", "cpt", "sft"]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 3
+    old = built.get("transformers", "not installed")
+    old_trl = built.get("trl", "not installed")
+    assert warnings[2] == (f"[sft] warning: built with other package versions (transformers {old} -> 99.0, trl "
+                           f"{old_trl} -> 0.0.1); kept as it is, `make domain=toy sft FORCE=1` rebuilds it")
