@@ -7,13 +7,15 @@ Row kinds and their fields (a source's `columns` maps these names to the dataset
             (ShareGPT turns {"from": human|gpt, "value"} are converted)
             or {"instruction", "input" (optional), "output"}       (alpaca style, turned into messages)
     pref    {"prompt", "chosen", "rejected"}: strings or message lists     pref, eval.pref
+    kto     a pref pair, or {"prompt", "completion", "label": true|false}  pref with method=kto
+            (one answer rated thumbs-up (true) or down (false); a pair counts as one of each)
     prompt  {"prompt": str}                                       eval.prompts
 
 Local files are .jsonl (one object a line), .parquet, or .txt (paragraphs split on blank lines).
 Every problem names the file and line; hub datasets go through the same column mapping and checks. Nothing
 is coerced: a null, a number or a list where text belongs, an unknown role, an empty assistant answer or a
 line that is not valid UTF-8 is a problem, never a row trained on or a traceback.
-A training stage's row kind is in core/stages.py (`Stage.rows`).
+A training stage's row kind is in core/stages.py (`Stage.rows`), except kto for pref.method=kto (`stage_kind`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ from typing import Any
 
 from core.errors import PackError, show_path
 from core.schema import Pack, Source
+from core.stages import BY_NAME
+
+
+def stage_kind(pack: Pack, stage: str) -> str:
+    """The row kind of a training stage's datasets: the stage table's, but kto rows for pref.method=kto."""
+    return "kto" if stage == "pref" and pack.pref.method == "kto" else BY_NAME[stage].rows
+
 
 EVAL_KIND = {"text": "text", "sft": "chat", "pref": "pref", "prompts": "prompt"}
 ROLES = ("system", "user", "assistant")
@@ -168,6 +177,10 @@ def _answer(value: Any, name: str) -> list[str]:
     return problems
 
 
+def _prompt(value: Any) -> list[str]:
+    return _messages(value, "prompt") if isinstance(value, list) else _text(value, "prompt")
+
+
 def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
     """Normalise one mapped row; return (row or None, problems). Every problem of the row is listed."""
     if kind == "chat" and "messages" in row:
@@ -176,8 +189,12 @@ def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
         if not problems and msgs[-1]["role"] != "assistant":
             problems.append(f"the last message must be the assistant's answer, got role {msgs[-1]['role']!r}")
         return (None if problems else {"messages": msgs}), [f"{at}: {p}" for p in problems]
+    if kind == "kto":  # a pair, or one rated answer
+        if "completion" not in row and "label" not in row:
+            return _check("pref", row, at)
+        kind = "unpaired"
     need = {"text": ["text"], "prompt": ["prompt"], "pref": ["prompt", "chosen", "rejected"],
-            "chat": ["instruction", "output"]}[kind]
+            "unpaired": ["prompt", "completion", "label"], "chat": ["instruction", "output"]}[kind]
     missing = [k for k in need if k not in row]
     if missing:
         return None, [f"{at}: missing column {', '.join(repr(m) for m in missing)} (present: {', '.join(row)}); "
@@ -187,10 +204,13 @@ def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
         if row.get("input") is not None:
             problems += _text(row["input"], "input", empty_ok=True)
     elif kind == "pref":
-        prompt = _messages(row["prompt"], "prompt") if isinstance(row["prompt"], list) else _text(row["prompt"], "prompt")
-        problems = prompt + _answer(row["chosen"], "chosen") + _answer(row["rejected"], "rejected")
+        problems = _prompt(row["prompt"]) + _answer(row["chosen"], "chosen") + _answer(row["rejected"], "rejected")
         if not problems and row["chosen"] == row["rejected"]:
             problems = ["'chosen' and 'rejected' are identical; a pair must differ"]
+    elif kind == "unpaired":
+        problems = _prompt(row["prompt"]) + _answer(row["completion"], "completion")
+        if not isinstance(row["label"], bool):
+            problems.append(f"'label' must be true (a good answer) or false (a bad one), got {_kind_of(row['label'])}")
     else:
         problems = _text(row[need[0]], need[0])
     if problems:
@@ -230,7 +250,7 @@ def load_source(src: Source, pack_dir: Path, kind: str) -> tuple[list[dict], lis
         records, problems = _read_hub(src), []
     rows, dropped = [], 0
     inverse = {theirs: ours for ours, theirs in src.columns.items()}
-    ratings = src.drop_if_rejected_rated_higher if kind == "pref" else None
+    ratings = src.drop_if_rejected_rated_higher if kind in ("pref", "kto") else None
     for at, rec in records:
         if not isinstance(rec, dict):
             problems.append(f"{at}: expected one JSON object ({{...}}) a line, got {_kind_of(rec)}")

@@ -115,12 +115,20 @@ class SftStage(TrainStage):
 
 
 class PrefStage(TrainStage):
-    """Preference optimisation on prompt/chosen/rejected pairs."""
+    """Preference optimisation on prompt/chosen/rejected pairs (KTO also on prompt/completion/label rows).
 
-    method: Literal["dpo", "orpo"] = "dpo"
+    dpo (TRL DPOTrainer, the default), orpo, cpo and simpo (trl.experimental; no reference model), kto (TRL
+    KTOTrainer; unpaired thumbs-up/down rows, a pair becomes one of each). IPO is dpo with loss_type=ipo."""
+
+    method: Literal["dpo", "orpo", "simpo", "cpo", "kto"] = "dpo"
     learning_rate: float = Field(5e-6, gt=0)
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO only")
+    beta: float = Field(0.1, gt=0, description="TRL's beta of every method (for simpo the reward scale)")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO only; ipo for "
+                                                                    "noisy labels")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO only: the target reward margin")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO only: weight of the thumbs-up rows' loss")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO only: weight of the thumbs-down rows' loss "
+                                                             "(raise the rarer kind's weight)")
 
 
 # The domain-adaptation paper's recipe: gradient SLERP from the instruct model (t=0) to the tuned one,
@@ -248,6 +256,10 @@ class Pack(Strict):
     limitations: str = Field("", description="model card: limits, e.g. 'not a substitute for a professional'")
     data: Literal["local", "hub"] = Field("local", description="which dataset lists the stages train on")
     licence: Literal["any", "permissive"] = Field("any", description="'permissive' drops non-commercial sources")
+    tracking: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
+        "tensorboard", description="where cpt/sft/pref log their training curves besides log.jsonl: TensorBoard "
+                                   "event files in runs/<domain>/<stage>/tensorboard, W&B or MLflow (when installed; "
+                                   "offline unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise); not fingerprinted")
     base: BaseStage = Field(default_factory=BaseStage)
     cpt: CptStage = Field(default_factory=CptStage)
     sft: SftStage = Field(default_factory=SftStage)

@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 from core.errors import PackError, show_path
-from core.rows import EVAL_KIND, load_source
+from core.rows import EVAL_KIND, load_source, stage_kind
 from core.schema import Pack
-from core.stages import BY_NAME, TRAIN_STAGES
+from core.stages import TRAIN_STAGES
 from merge.recipes import validate_merge
 from pipeline.base import read_chat_template
 
@@ -17,7 +17,7 @@ def validate_data(pack: Pack) -> list[str]:
     problems: list[str] = []
     where = show_path(pack.dir / "pack.yaml")
     for stage in TRAIN_STAGES:
-        kind = BY_NAME[stage].rows
+        kind = stage_kind(pack, stage)
         section = getattr(pack, stage)
         if not section.enabled:
             continue

@@ -15,7 +15,7 @@ from conftest import REPO, make_pack
 
 from core.errors import PackError
 from core.pack import load_pack
-from core.rows import load_rows
+from core.rows import load_rows, load_source
 from pipeline.validate import validate_data
 
 PACK = """\
@@ -149,3 +149,30 @@ def test_validate_cli_exits_2_without_traceback_on_bad_bytes(bad_pack, workspace
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: domain 'toy' has problems ({len(EXPECTED) + 2}):")
     assert EXPECTED[0] in proc.stderr
+
+
+def test_kto_rows_take_pairs_and_rated_answers_with_one_problem_per_bad_line(workspace):
+    rows = [{"prompt": "q", "chosen": "good", "rejected": "bad"},
+            {"prompt": "q", "completion": "fine", "label": True},
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "no"}],
+             "label": False},
+            {"prompt": "q", "completion": "a", "label": "yes"},
+            {"prompt": "q", "completion": " ", "label": 1},
+            {"prompt": "q", "label": True},
+            {"prompt": "q", "chosen": "same", "rejected": "same"}]
+    make_pack(workspace, "kto", "name: kto\ncpt: {enabled: false}\nsft: {enabled: false}\npref:\n  method: kto\n"
+                                "  datasets: [{path: data/pref.jsonl, licence: permissive}]\n", {"data/pref.jsonl": rows})
+    pack = load_pack("kto")
+    where = "domains/kto/data/pref.jsonl"
+    assert validate_data(pack) == [
+        f"{where}:4: 'label' must be true (a good answer) or false (a bad one), got a string",
+        f"{where}:5: 'completion' must be a non-empty string, got only whitespace",
+        f"{where}:5: 'label' must be true (a good answer) or false (a bad one), got the number 1",
+        f"{where}:6: missing column 'completion' (present: prompt, label); map it with the source's `columns:`",
+        f"{where}:7: 'chosen' and 'rejected' are identical; a pair must differ",
+    ]
+    good, _ = load_source(pack.sources("pref")[0], pack.dir, "kto")
+    assert good == rows[:3]
+    # the same rows are not preference pairs for the other methods
+    with pytest.raises(PackError, match=r"pref.jsonl:2: missing column 'chosen', 'rejected'"):
+        load_rows(load_pack("kto", ["pref.method=dpo"]), pack.sources("pref"), "pref", "pref.datasets")

@@ -1,4 +1,4 @@
-"""Training stages cpt, sft, pref (DPO and ORPO) on a tiny random Llama, through the real runner, TRL and PEFT.
+"""Training stages cpt, sft, pref (DPO, IPO, ORPO, CPO, SimPO, KTO) on a tiny random Llama, through the real runner, TRL and PEFT.
 
 Each stage trains a few steps on a small memorisable set; the tests check the output contract (merged
 model with the base's tokenizer, chat template and EOS ids, adapter, log.jsonl, loss.png, stage.json
@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_pack
+from conftest import REPO, make_pack, write_jsonl
 
 from core.errors import PackError
 from core.pack import load_pack
@@ -188,6 +188,9 @@ def test_bad_pairs_and_options(toy, tokenizer_dir):
         prepare_pairs(same, tok, SYSTEM, 128, "data/pref.jsonl")
     with pytest.raises(PackError, match="learning_rate"):
         load_pack("toy", ["sft.learning_rate=0"])
+    with pytest.raises(PackError, match="pref.method=kto needs pref.per_device_train_batch_size of at least 2"):
+        runner.run(load_pack("toy", ["cpt.enabled=false", "sft.enabled=false", "pref.method=kto",
+                                     "pref.per_device_train_batch_size=1"]), "pref")
     import torch
 
     if not torch.cuda.is_available():
@@ -208,3 +211,27 @@ def test_qlora_on_cpu_is_a_clear_error(toy):
     assert "qlora needs a CUDA GPU" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert (toy / "base" / "model").is_dir()  # the earlier stage was published and is intact
+
+
+RATED = [{"prompt": f"Is fund {i} insured?", "completion": f"Fund {i} is not insured; read its prospectus.",
+          "label": True} for i in range(2)] + [{"prompt": "Is fund 9 insured?", "completion": "sure", "label": False}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simpo", "cpo", "kto", "ipo"])
+def test_preference_methods(toy, method):
+    """Each method trains through TRL's own trainer, publishes the usual outputs, and learns the preference:
+    the training loss falls and the reward margin (chosen minus rejected) rises."""
+    over = ["cpt.enabled=false", "sft.enabled=false", "pref.max_steps=6"]
+    over += ["pref.method=dpo", "pref.loss_type=ipo"] if method == "ipo" else [f"pref.method={method}"]
+    if method == "kto":  # pairs and single rated answers (what the arena's thumbs-up/down would give) together
+        write_jsonl(toy.parent.parent / "domains" / "toy" / "data" / "rated.jsonl", RATED)
+        over.append("pref.datasets=[{path: data/pref.jsonl, licence: permissive}, "
+                    "{path: data/rated.jsonl, licence: permissive}]")
+    runner.run(load_pack("toy", over), "pref")
+    pref, log = check_outputs(toy, "pref", steps=6)
+    assert pref["method"] == ("dpo" if method == "ipo" else method)
+    margins = [r["rewards/margins"] for r in log if "rewards/margins" in r]
+    assert log[-1]["loss"] < log[0]["loss"] and margins[-1] > margins[0]
+    if method == "kto":
+        assert pref["train_rows"] + pref["eval_rows"] == 2 * (len(PAIRS) - 1) + len(RATED)
