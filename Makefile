@@ -4,6 +4,7 @@
 #   make domain=finance all                       build every stage (skipping unchanged ones)
 #   make domain=finance sft sft.learning_rate=1e-4  any pack key can be overridden as key.path=value
 #   make domain=finance sft FORCE=1               rerun a stage even when it is up to date
+#   make domain=finance tensorboard               the training curves of every stage (tracking=none: no curves)
 #   make test                                     the whole test suite, CPU only, offline
 #   make check                                    the fast tests (no vLLM, browser or full training), < 2 minutes
 #   make domain=finance clean                     delete runs/finance but the arena's votes (VOTES=1: those too)
@@ -58,11 +59,12 @@ export TOKENIZERS_PARALLELISM=false
 
 STAMP := .venv/.stamp-$(shell sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)
 
-.PHONY: help setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test check clean
+.PHONY: help setup validate show keys base cpt sft pref merge eval report all serve stop export-votes tensorboard \
+        test check clean
 
 help:
 	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop export-votes test check clean"
+	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop export-votes tensorboard test check clean"
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -99,6 +101,11 @@ stop: setup
 # prints the pref.datasets entry that makes the next `make all` train on them.
 export-votes: setup
 	@$(ENV) $(PY) -m core.votes export --domain $(call quote,$(DOMAIN))
+
+# TensorBoard over runs/<domain>: each training stage's event files are in runs/<domain>/<stage>/tensorboard.
+tensorboard: setup
+	@$(if $(ENV),export $(ENV);) .venv/bin/tensorboard --logdir "$${RUNS_DIR:-runs}"/$(call quote,$(DOMAIN)) \
+	  --host "$${HOST:-127.0.0.1}"
 
 test: setup
 	$(ENV) $(PY) -m pytest -q $(PYTEST_ARGS)

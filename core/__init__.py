@@ -7,7 +7,8 @@ transformers import them inside), so validation, `--help` and the arena statisti
 one way: core <- merge <- pipeline, and core <- serve (tests/test_layers.py checks it).
 
 Everything we run is offline and telemetry-free unless the user says otherwise (OFFLINE=0 in make, or
-HF_HUB_OFFLINE=0 in the environment): importing any part of the project sets these defaults.
+HF_HUB_OFFLINE=0 in the environment): importing any part of the project sets these defaults. Experiment
+trackers run only when `tracking` names them, and offline (pipeline/training.py `tracking`).
 """
 import os
 
@@ -19,7 +20,6 @@ for _key, _value in {
     "DO_NOT_TRACK": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
     "VLLM_NO_USAGE_STATS": "1",
-    "WANDB_DISABLED": "true",
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)

@@ -240,5 +240,9 @@ def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = Non
     from pipeline.backend import import_unsloth_first
 
     import_unsloth_first([getattr(pack, s) for s in order if s in stages.TRAIN_STAGES])
+    if any(getattr(pack, s).enabled for s in order if s in stages.TRAIN_STAGES):
+        from pipeline.training import tracking
+
+        tracking(pack, run_dir)  # a tracker asked for but not installed: said before any stage runs
     with RunLock(run_dir):
         return [run_stage(pack, s, run_dir, force=s in forced) for s in order]

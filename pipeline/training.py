@@ -13,12 +13,14 @@ Each stage module (pipeline/cpt.py, sft.py, pref.py) reads top to bottom and cal
 
 Outputs of every training stage: ctx.out/model (full weights, adapter merged, tokenizer and chat template of
 the input model, its generation_config.json), ctx.out/adapter (absent for a full fine-tune), log.jsonl,
-loss.png.
+loss.png, and with `tracking: tensorboard` (the default) ctx.out/tensorboard (event files).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -29,13 +31,15 @@ from core.runlog import append_log, plot_logs, read_log
 from core.schema import TrainStage
 from pipeline.backend import cuda_available
 
-ARGS_COMMON = dict(report_to="none", save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
+ARGS_COMMON = dict(save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
                    disable_tqdm=False, dataloader_pin_memory=False)
 
 
 def training_args(config_cls, section: TrainStage, ctx, **extra):
-    """A TRL config (SFTConfig, DPOConfig, ORPOConfig) from the pack section's TrainingArguments fields."""
+    """A TRL config (SFTConfig, DPOConfig, KTOConfig, ...) from the pack section's TrainingArguments fields."""
     import torch
+
+    report_to = tracking(ctx.pack, ctx.run_dir)
 
     on_cuda = torch.cuda.is_available()
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
@@ -59,9 +63,45 @@ def training_args(config_cls, section: TrainStage, ctx, **extra):
         # recomputing activations saves GPU memory; on the CPU memory is plentiful and it costs ~25% of a step
         gradient_checkpointing=on_cuda if section.gradient_checkpointing is None else section.gradient_checkpointing,
         bf16=bf16, fp16=on_cuda and not bf16,
+        report_to=report_to,
         **ARGS_COMMON,
         **extra,
     )
+
+
+# ------------------------------------------------------------------------------------------ tracking
+
+def tracking(pack, run_dir: Path) -> str:
+    """transformers' report_to for the pack's `tracking`, after checking its package is installed.
+
+    Nothing leaves the machine unless the user says so: W&B runs offline (WANDB_MODE=offline, files under
+    runs/<domain>/wandb; `wandb sync` uploads them) unless WANDB_MODE is set, and MLflow writes to
+    runs/<domain>/mlruns unless MLFLOW_TRACKING_URI is set. TensorBoard's event files go to each stage's
+    own folder (see `train`)."""
+    choice = pack.tracking
+    if choice == "none":
+        return "none"
+    if importlib.util.find_spec(choice) is None:  # each choice is also its package's name
+        raise PackError(f"tracking={choice} needs the {choice} package, which is not installed: "
+                        f".venv/bin/pip install {choice} (or run with tracking=tensorboard or tracking=none)")
+    if choice == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_PROJECT", pack.name)
+    elif choice == "mlflow":
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", pack.name)
+    return choice
+
+
+def point_tensorboard(trainer, ctx) -> None:
+    """TensorBoard's events in ctx.out/tensorboard, published with the stage (transformers' default is under
+    output_dir, our checkpoints folder, which is deleted once the stage is saved)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(ctx.out / "tensorboard")
 
 
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -142,6 +182,7 @@ def train(trainer, ctx) -> dict:
         # the killed run logged past its last checkpoint; those steps run again, so drop their lines
         kept = [r for r in read_log(log_path) if r.get("step", 0) <= resumed_step and "train_runtime" not in r]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    point_tensorboard(trainer, ctx)
     epoch_start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state

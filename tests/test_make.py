@@ -85,3 +85,13 @@ def test_clean_keeps_the_votes_unless_asked(make, workspace):
 def test_help_says_what_clean_keeps():
     proc = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True, text=True)
     assert "clean" in proc.stdout and "VOTES=1" in proc.stdout
+
+
+def test_tracking_is_a_pack_key_on_the_command_line(make):
+    proc = make("show", "domain=toy", "tracking=none")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["tracking"] == "none"
+    assert yaml.safe_load(make("show", "domain=toy").stdout)["tracking"] == "tensorboard"
+    proc = make("show", "domain=toy", "tracking=neptune")
+    assert proc.returncode == 2 and "tracking" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert ".venv/bin/tensorboard --logdir" in make("-n", "domain=toy", "tensorboard").stdout

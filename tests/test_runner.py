@@ -81,6 +81,21 @@ def test_skip_rerun_downstream_and_force(workspace, fake_stages):
     assert calls[-1:] == ["cpt"] and len(calls) == 7
 
 
+def test_tracking_does_not_change_a_fingerprint(workspace, fake_stages):
+    """Where the curves are logged does not change the model: no stage reruns when only `tracking` changes."""
+    calls, _ = fake_stages
+    make_pack(workspace, "toy", PACK, FILES)
+    run_dir = workspace / "runs" / "toy"
+    runner.run(load_pack("toy"), "merge")
+    assert load_pack("toy").tracking == "tensorboard" and calls == ["base", "cpt", "sft", "pref", "merge"]
+    for choice in ("none", "wandb", "mlflow"):
+        pack = load_pack("toy", [f"tracking={choice}"])
+        for stage in stages.STAGES:
+            assert runner.fingerprint(pack, stage, run_dir)[0] == runner.fingerprint(load_pack("toy"), stage, run_dir)[0]
+    runner.run(load_pack("toy", ["tracking=none"]), "merge")
+    assert len(calls) == 5  # every stage up to date
+
+
 def test_crash_leaves_previous_output_intact_and_work_for_resume(workspace, fake_stages):
     calls, crash = fake_stages
     folder = make_pack(workspace, "toy", PACK, FILES)

@@ -235,3 +235,34 @@ def test_preference_methods(toy, method):
     assert log[-1]["loss"] < log[0]["loss"] and margins[-1] > margins[0]
     if method == "kto":
         assert pref["train_rows"] + pref["eval_rows"] == 2 * (len(PAIRS) - 1) + len(RATED)
+
+
+@pytest.mark.slow
+def test_tensorboard_events_by_default_and_none_with_tracking_none(toy):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runner.run(load_pack("toy"), "cpt")
+    events = toy / "cpt" / "tensorboard"
+    assert list(events.glob("events.out.tfevents.*"))  # published with the stage
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    logged = [r["loss"] for r in map(json.loads, (toy / "cpt" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses == pytest.approx(logged, rel=1e-5) and losses[-1] < losses[0]  # the curves of log.jsonl
+    fingerprint = stage_info(toy, "cpt")["fingerprint"]
+
+    runner.run(load_pack("toy", ["tracking=none"]), "cpt", force=True)
+    assert not (toy / "cpt" / "tensorboard").exists() and not list(toy.rglob("events.out.tfevents.*"))
+    assert stage_info(toy, "cpt")["fingerprint"] == fingerprint
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_tracker_asked_for_but_not_installed_is_one_clear_error(toy, tracker):
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    with pytest.raises(PackError, match=rf"tracking={tracker} needs the {tracker} package, which is not installed: "
+                                        rf"\.venv/bin/pip install {tracker}"):
+        runner.run(load_pack("toy", [f"tracking={tracker}"]), "sft")
+    assert not toy.exists()  # said before any stage ran
