@@ -63,7 +63,7 @@ STAMP := .venv/.stamp-$(shell sha256sum pyproject.toml scripts/setup.sh | sha256
         test check clean
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
 	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop export-votes tensorboard test check clean"
 
 setup: $(STAMP)
