@@ -33,13 +33,13 @@ def prepare_pairs(rows: list[dict], tokenizer, system_prompt: str, max_length: i
                   unpaired: bool = False):
     """(conversational pairs that fit, number dropped as too long, tokens of one pass over the kept pairs).
 
-    With unpaired (KTO; rows of kind kto) each kept item is a list of unpaired rows {prompt, completion, label}: two for
-    a pair, one for a rated answer; the split into train and held-out keeps a pair's two rows together."""
+    With unpaired (KTO; rows of kind kto) each kept item is a list of unpaired rows {prompt, completion, label}:
+    two for a pair, one for a rated answer; the split into train and held-out keeps a pair's two rows together."""
     pairs, dropped, tokens, same = [], 0, 0, []
     for n, row in enumerate(rows, 1):
         prompt = with_system(as_messages(row["prompt"], "user"), system_prompt)
         if "completion" in row:  # one rated answer (KTO)
-            answers = {bool(row["label"]): as_messages(row["completion"], "assistant")}
+            answers = {row["label"]: as_messages(row["completion"], "assistant")}
         else:
             answers = {True: as_messages(row["chosen"], "assistant"), False: as_messages(row["rejected"], "assistant")}
             if answers[True] == answers[False]:
