@@ -723,12 +723,12 @@ def report(rows: list[dict], flagged: list[bool], title: str, say=print) -> dict
         return f"{value:6.1%} [{ci[0]:5.1%}, {ci[1]:5.1%}]" if n else f"{'-':>6} {'':15}"
 
     def line(name: str, r: dict) -> str:
-        return (f"  {name:22} {r['n']:5d} {r['risk']:5d}   {rate(r['recall'], r['recall_ci'], r['risk'])}   "
+        return (f"  {name:30} {r['n']:5d} {r['risk']:5d}   {rate(r['recall'], r['recall_ci'], r['risk'])}   "
                 f"{rate(r['false_alarms'], r['false_alarms_ci'], r['ordinary'])}")
 
     result = {"all": rates(rows, flagged)}
     say(title)
-    say(f"  {'':22} {'n':>5} {'risk':>5}   {'recall [Wilson 95%]':24}   false alarms [Wilson 95%]")
+    say(f"  {'':30} {'n':>5} {'risk':>5}   {'recall [Wilson 95%]':24}   false alarms [Wilson 95%]")
     say(line("all", result["all"]))
     for key in ("lang", "category"):
         for value in sorted({r.get(key) or "" for r in rows} - {""}):
@@ -739,12 +739,16 @@ def report(rows: list[dict], flagged: list[bool], title: str, say=print) -> dict
 
 
 def evaluate(path: Path, say=print) -> dict:
-    """The default guard (learned + backstop, shipped threshold) on a labelled file."""
+    """The guard the environment configures (as in vLLM: learned by default, CRISIS_DETECTOR=served and the
+    CRISIS_GUARD_* variables for a guard model), backstop included, on a labelled file; no audit lines."""
     rows = read_rows([path])
-    model = learned_model()
-    flagged = [Guard().decide([r["text"]]).risk for r in rows]
-    return report(rows, flagged, f"crisis guard (learned, threshold {model.threshold:.4f}, + backstop) on {path}",
-                  say)
+    guard = Guard.from_env()
+    decisions = [guard.decide([r["text"]]) for r in rows]
+    used = sorted({d.detector for d in decisions})
+    fallbacks = sum(d.fallback is not None for d in decisions)
+    what = f"{'/'.join(used)}, learned threshold {learned_model().threshold:.4f}, + backstop" + (
+        f"; {fallbacks} served-guard failures decided by the learned detector" if fallbacks else "")
+    return report(rows, [d.risk for d in decisions], f"crisis guard ({what}) on {path}", say)
 
 
 def main(argv: list[str] | None = None) -> int:
