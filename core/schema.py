@@ -240,6 +240,23 @@ class ServeStage(Strict):
     max_tokens: int = Field(512, gt=0)
     crisis_guard: bool = Field(False, description="fixed crisis-line reply to self-harm risk (arena and API)")
     crisis_locale: Literal["US", "EU", "UK", "IT"] = Field("US", description="which crisis lines come first")
+    crisis_detector: Literal["learned", "served"] = Field(
+        "learned", description="learned: the offline classifier in serve/crisis_model.npz (CPU, ~1 ms); served: a "
+                               "guard model (Llama Guard 3/4, Qwen3Guard) behind crisis_guard_url, the learned one "
+                               "deciding when it fails; regular expressions back up either")
+    crisis_guard_url: str = Field("", description="served: the guard's OpenAI-compatible base URL, e.g. "
+                                                  "http://127.0.0.1:8002/v1 (key, if any, in CRISIS_GUARD_API_KEY)")
+    crisis_guard_model: str = Field("", description="served: the guard's model name there, e.g. "
+                                                    "meta-llama/Llama-Guard-3-1B")
+    crisis_guard_timeout_s: float = Field(5.0, gt=0, description="served: a slower answer counts as a failure")
+
+    @model_validator(mode="after")
+    def _served_guard(self):
+        missing = [k for k in ("crisis_guard_url", "crisis_guard_model") if not getattr(self, k).strip()]
+        if self.crisis_detector == "served" and missing:
+            raise ValueError(f"crisis_detector: served needs {' and '.join('serve.' + k for k in missing)} "
+                             "(the guard model's OpenAI-compatible URL and name), or use crisis_detector: learned")
+        return self
 
 
 class BaseStage(Strict):

@@ -1,22 +1,56 @@
-"""Crisis guard: messages showing risk of self-harm get a fixed response with crisis lines, not the model's.
+"""Crisis guard: messages showing risk of suicide or self-harm get a fixed reply with crisis lines, not the model's.
 
-Safety is not left to a 135M-parameter model. The guard is a transparent pattern check on the latest
-user message, used in two places:
-- the arena (serve/battle.py) calls `crisis_reply(text, locale)` before sending a prompt to the models;
-- the OpenAI-compatible API: vLLM loads `CrisisMiddleware` with `--middleware serve.crisis.CrisisMiddleware`
-  (the launcher adds it when the pack sets `serve.crisis_guard: true`), and a chat completion whose last
-  user message shows risk is answered with the fixed text, streamed or not, without reaching the model.
+Safety is not left to a 135M-parameter model. The guard reads the latest user message and decides with the
+detector the pack names in `serve.crisis_detector`:
+- learned (default; offline, about a millisecond on a CPU): logistic regression over hashed word, character
+  and concept n-grams, trained on domains/counseling/data/crisis_train.jsonl and crisis_examples.jsonl. Its
+  weights and threshold are serve/crisis_model.npz; `python -m serve.crisis train` rebuilds them.
+- served: a guard model (Llama Guard 3/4, Qwen3Guard) served by vLLM at `serve.crisis_guard_url`, asked
+  through an OpenAI-compatible chat completion; "unsafe" with the self-harm category (Llama Guard S11)
+  means risk. When it fails, the learned detector decides and the audit line says why.
+Under either, the regular expressions below are a backstop: a message is flagged when either fires.
 
-The patterns favour recall: a false alarm costs one unneeded list of helplines, a miss costs more.
-Idioms such as "this deadline is killing me" or "kill the process" are excluded.
+Where it runs:
+- the arena (serve/battle.py) calls `crisis_reply(text, locale)` before a prompt reaches the models;
+- vLLM loads `CrisisMiddleware` (serve/crisis_middleware.py; the launcher adds it when the
+  pack sets `serve.crisis_guard: true`). Every route that runs the model (ROUTES) is inspected, and a
+  risky request is answered in that route's own shape, streamed or not, without reaching the model.
+
+Each decision is audited without the message text: one JSON line to the logger "crisis_guard" and, when
+CRISIS_AUDIT_LOG names a file, appended to it (the launcher uses runs/<domain>/serve/crisis_audit.jsonl).
+
+    python -m serve.crisis train             # retrain serve/crisis_model.npz (deterministic)
+    python -m serve.crisis cv                # cross-validated recall and false alarms on the training data
+    python -m serve.crisis evaluate FILE     # recall and false alarms with Wilson 95% intervals, per language
+
+A false alarm costs one unneeded list of helplines; a miss costs more. The threshold spends the issue's
+false-alarm budget (10% on cross-validation, backstop included) on recall.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import sys
 import time
+import urllib.request
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.crisis_model import (
+    FOLDS,
+    MODEL_PATH,
+    TRAIN_FILES,
+    choose_threshold,
+    learned_model,
+    out_of_fold,
+    rates,
+    read_rows,
+    regex_fires,
+    train,
+)
 
 # Crisis lines by locale. US: 988 Suicide & Crisis Lifeline; EU: 112 is the emergency number everywhere
 # in the EU; UK: Samaritans; IT: Telefono Amico Italia.
@@ -26,53 +60,6 @@ CRISIS_LINES = {
     "UK": ["call Samaritans on 116 123 (free, 24 hours)", "in an emergency call 999"],
     "IT": ["chiama il 112 (numero unico di emergenza)", "Telefono Amico Italia: 02 2327 2327"],
 }
-
-_RISK = [
-    # direct statements (typos such as "kil myself" included)
-    r"\b(kill|kil|kll|killing|hurt|hurting|harm|harming)\s*(my\s*self|myself|meself)\b(?!\s+laughing)",
-    r"\b(cut|cutting)\s+(my\s*self|myself)\b(?!\s+(shaving|while|on|by|accidentally|cooking|with\s+a\s+kitchen))",
-    r"\bsuicid(e|al)\b",
-    r"\bself[-\s]?harm",
-    r"\b(end|ending|take|taking)\s+(my|my\s+own)\s+life\b",
-    r"\bend\s+it\b.{0,20}\b(all|tonight|today|now|soon|for\s+good)\b",
-    r"\b(want|wanna|plan|planning|ready)\s+to\s+(die|end\s+it)\b",
-    r"\bwanna\s+die\b",
-    r"\bwish\s+i\s+(was|were)\s+dead\b",
-    r"\b(better\s+off|be\s+better)\s+(dead|without\s+me)\b",
-    r"\b(don'?t|do\s+not|no\s+longer)\s+want\s+to\s+(be\s+here|live|be\s+alive|exist|wake\s+up)\b",
-    r"\b(and|to)\s+(never|not)\s+wake\s+up\b",
-    # hopelessness about living
-    r"\b(no|what'?s\s+the)\s+(reason|point)\s+(to|in|of)\s+(live|living|life|go(ing)?\s+on|being\s+alive)\b",
-    r"\b(can'?t|cannot)\s+go\s+on\s+(anymore|any\s+more|living)\b",
-    r"\bno\s+way\s+out\b.{0,40}\b(dying|death|die|end)\b",
-    r"\bexcept\s+(dying|death|to\s+die)\b",
-    r"\b(no\s*one|nobody)\s+(will|would)\s+(miss|notice)\s+me\b",
-    r"\b(disappear|dissapear|disapear|vanish)\b.{0,15}\b(for\s+good|forever)\b",
-    r"\b(pain|it|everything)\s+to\s+stop\b.{0,15}\b(forever|for\s+good|permanently)\b",
-    # plans, means and preparations
-    r"\b(know|decided|figured\s+out)\s+how\s+i'?m?\s*(going\s+to|gonna|will)\s+do\s+it\b",
-    r"\b(jump|jumping)\s+(off|from|in\s+front\s+of)\b",
-    r"\b(drive|driving|crash|crashing)\b.{0,40}\bon\s+purpose\b",
-    r"\b(bought|buying|got|have)\s+(a\s+)?(rope|noose|gun)\b",
-    r"\b(overdose|od)\b",
-    r"\b(saving|stockpiling|hoarding|collecting)\s+(up\s+)?(my\s+)?(pills|tablets|meds|medication)\b",
-    r"\b(pills|tablets)\b.{0,40}\b(not\s+wake|never\s+wake|to\s+die|enough)\b",
-    r"\b(this|today|tonight)\s+(is|will\s+be|is\s+going\s+to\s+be)\s+my\s+last\s+(day|night|week)\b(?!\s+(at|of|in|on|with)\b)",
-    r"\bwon'?t\s+need\s+(anything|it|them)\s+(after|anymore|any\s+more)\b",
-    r"\b(won'?t|will\s+not|not\s+going\s+to)\s+be\s+around\b",
-    r"\bgiv(e|ing)\s+away\s+(all\s+)?my\s+(stuff|things|belongings)\b",
-    r"\bgiv(e|ing)\s+(all\s+)?my\s+(stuff|things|belongings)\s+away\b",
-    r"\bremember\s+me\s+by\b",
-    r"\b(said|saying|say)\s+goodbye\s+to\s+everyone\b",
-    r"\b(letters?|notes?)\b.{0,40}\bgoodbye\b|\bgoodbye\s+(letters?|notes?)\b",
-    # Italian
-    r"\b(uccidermi|suicidarmi|ammazzarmi|farla\s+finita|togliermi\s+la\s+vita|non\s+voglio\s+più\s+vivere)\b",
-]
-_PATTERNS = [re.compile(p, re.IGNORECASE) for p in _RISK]
-
-
-def shows_risk(text: str) -> bool:
-    return any(p.search(text or "") for p in _PATTERNS)
 
 
 def crisis_text(locale: str = "US") -> str:
@@ -87,82 +74,214 @@ def crisis_text(locale: str = "US") -> str:
     )
 
 
-def crisis_reply(messages_or_text, locale: str = "US") -> str | None:
-    """The fixed reply when the latest user message shows risk, else None."""
-    if isinstance(messages_or_text, str):
-        text = messages_or_text
-    else:
-        users = [m.get("content") for m in messages_or_text if m.get("role") == "user"]
-        text = users[-1] if users else ""
-        if isinstance(text, list):  # OpenAI content parts
-            text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
-    return crisis_text(locale) if shows_risk(text) else None
+# ---------------------------------------------------------------------------------- served detector
 
 
-class CrisisMiddleware:
-    """ASGI middleware for vLLM's OpenAI server: answers risky chat completions with the fixed text.
-
-    Locale from CRISIS_LOCALE; requests without the server's API key (API_KEY) pass through untouched,
-    so vLLM still answers them with 401.
-    """
-
-    def __init__(self, app):
-        self.app = app
-        self.locale = os.environ.get("CRISIS_LOCALE", "US")
-        self.key = os.environ.get("API_KEY", "")
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
-            return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            # the body once; then the real channel, which blocks until the client disconnects. Returning the
-            # body again would spin vLLM's disconnect listener forever and hang every request we pass on.
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        headers = dict(scope.get("headers") or [])
-        authorised = not self.key or headers.get(b"authorization", b"").decode() == f"Bearer {self.key}"
-        try:
-            request = json.loads(body)
-            reply = crisis_reply(request.get("messages") or [], self.locale) if authorised else None
-        except (ValueError, AttributeError):
-            reply = None
-        if reply is None:
-            return await self.app(scope, replay, send)
-        await _send_fixed(send, request, reply)
+class GuardError(Exception):
+    pass
 
 
-async def _send_fixed(send, request: dict, reply: str) -> None:
-    ident, created, model = f"chatcmpl-crisis-{uuid.uuid4().hex[:12]}", int(time.time()), request.get("model", "")
-    if request.get("stream"):
-        events = [
-            {"role": "assistant", "content": ""}, {"content": reply},
-        ]
-        parts = [json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": [{"index": 0, "delta": d, "finish_reason": None}]}) for d in events]
-        parts.append(json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-        payload = "".join(f"data: {p}\n\n" for p in parts).encode() + b"data: [DONE]\n\n"
-        content_type = b"text/event-stream"
-    else:
-        payload = json.dumps({
-            "id": ident, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        }).encode()
-        content_type = b"application/json"
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode()),
-                            (b"x-crisis-guard", b"1")]})
-    await send({"type": "http.response.body", "body": payload})
+def guard_verdict(reply: str) -> bool:
+    """A guard model's reply -> self-harm risk. Llama Guard 3/4: "safe", or "unsafe" and a line of categories
+    ("S11" is Suicide & Self-Harm). Qwen3Guard: "Safety: Unsafe|Controversial|Safe" and "Categories: ...".
+    Unsafe for another category (violence, crime...) is not this guard's business."""
+    low = reply.strip().lower()
+    first = low.split("\n", 1)[0].strip()
+    if first == "safe" or re.search(r"safety:\s*safe\b", low):
+        return False
+    if first == "unsafe" or re.search(r"safety:\s*(unsafe|controversial)\b", low):
+        return bool(re.search(r"\bs11\b", low)) or "self-harm" in low or "suicide" in low
+    raise GuardError(f"unrecognised guard reply {reply[:40]!r}")
+
+
+def ask_guard(text: str, url: str, model: str, timeout_s: float, api_key: str = "") -> bool:
+    """One chat completion to the guard model; vLLM applies the guard's own chat template (its policy)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 20,
+                       "temperature": 0}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body, headers=headers)
+    # no proxy: the guard server sits beside vLLM, and a proxy from the environment would see the messages
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=timeout_s) as r:
+        reply = json.load(r)["choices"][0]["message"]["content"]
+    if not isinstance(reply, str):
+        raise GuardError("the guard's reply has no text content")
+    return guard_verdict(reply)
+
+
+# ------------------------------------------------------------------------------------- the decision
+
+audit_log = logging.getLogger("crisis_guard")
+
+
+@dataclass
+class Decision:
+    risk: bool
+    score: float             # learned: the highest probability among the texts; served: 1.0 unsafe S11, else 0.0
+    detector: str            # the one that decided: learned | served
+    backstop: bool           # the regular expressions fired
+    fallback: str | None = None   # why the served guard was not used
+
+
+@dataclass
+class Guard:
+    """The detector and its settings, from the environment the launcher sets (guard_env)."""
+
+    detector: str = "learned"
+    url: str = ""
+    model: str = ""
+    timeout_s: float = 5.0
+    api_key: str = ""
+    audit_path: str = ""
+
+    @classmethod
+    def from_env(cls) -> "Guard":
+        e = os.environ
+        return cls(detector=e.get("CRISIS_DETECTOR", "learned"), url=e.get("CRISIS_GUARD_URL", ""),
+                   model=e.get("CRISIS_GUARD_MODEL", ""), timeout_s=float(e.get("CRISIS_GUARD_TIMEOUT_S", "5")),
+                   api_key=e.get("CRISIS_GUARD_API_KEY", ""), audit_path=e.get("CRISIS_AUDIT_LOG", ""))
+
+    def decide(self, texts: list[str]) -> Decision:
+        backstop = any(regex_fires(t) for t in texts)
+        fallback = None
+        if self.detector == "served":
+            try:
+                risk = any(ask_guard(t, self.url, self.model, self.timeout_s, self.api_key) for t in texts)
+                return Decision(risk or backstop, 1.0 if risk else 0.0, "served", backstop)
+            except (OSError, ValueError, KeyError, IndexError, TypeError, GuardError) as e:
+                # the exception names the error, never the message (URLError, HTTPError, JSON position)
+                fallback = f"served guard failed ({type(e).__name__}: {str(e)[:120]}); learned detector used"
+        model = learned_model()
+        score = max((model.score(t) for t in texts), default=0.0)
+        return Decision(score >= model.threshold or backstop, score, "learned", backstop, fallback)
+
+    def check(self, texts: list[str], route: str, request_id: str | None = None) -> Decision:
+        """decide() plus the audit line."""
+        start = time.perf_counter()
+        decision = self.decide(texts)
+        self.audit(decision, route, request_id or uuid.uuid4().hex, time.perf_counter() - start, len(texts))
+        return decision
+
+    def audit(self, d: Decision, route: str, request_id: str, seconds: float, texts: int) -> None:
+        line = json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "request_id": request_id, "route": route,
+            "detector": d.detector, "decision": "crisis" if d.risk else "pass", "score": round(d.score, 4),
+            "backstop": d.backstop, "latency_ms": round(seconds * 1000, 2), "texts": texts, "fallback": d.fallback})
+        (audit_log.warning if d.fallback else audit_log.info)(line)
+        if self.audit_path:
+            try:
+                path = Path(self.audit_path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:  # one short append per line: lines do not interleave
+                    f.write(line + "\n")
+            except OSError as e:
+                audit_log.error("cannot append to CRISIS_AUDIT_LOG %s: %s", self.audit_path, e)
+
+
+def guard_env(serve_cfg) -> dict[str, str]:
+    """The environment that configures the guard in vLLM's process and the arena's (see Guard.from_env)."""
+    env = {"CRISIS_LOCALE": serve_cfg.crisis_locale, "CRISIS_DETECTOR": serve_cfg.crisis_detector}
+    if serve_cfg.crisis_detector == "served":
+        env.update(CRISIS_GUARD_URL=serve_cfg.crisis_guard_url, CRISIS_GUARD_MODEL=serve_cfg.crisis_guard_model,
+                   CRISIS_GUARD_TIMEOUT_S=str(serve_cfg.crisis_guard_timeout_s))
+    return env
+
+
+def shows_risk(text: str) -> bool:
+    """The default guard's decision (learned detector or backstop), without an audit line."""
+    return Guard().decide([text]).risk
+
+
+def _content_text(content) -> str:
+    """A message's text: a string, or content parts (OpenAI, Anthropic, Responses) with a "text" each."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def last_user_text(messages) -> str:
+    users = [m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"]
+    return _content_text(users[-1]) if users else ""
+
+
+def crisis_reply(messages_or_text, locale: str = "US", *, route: str = "arena") -> str | None:
+    """The fixed reply when the latest user message shows risk, else None. The arena calls it with the
+    default route name; the audit line records the decision."""
+    text = messages_or_text if isinstance(messages_or_text, str) else last_user_text(messages_or_text)
+    return crisis_text(locale) if Guard.from_env().check([text], route).risk else None
+
+
+def report(rows: list[dict], flagged: list[bool], title: str, say=print) -> dict:
+    def rate(value: float, ci: tuple, n: int) -> str:
+        return f"{value:6.1%} [{ci[0]:5.1%}, {ci[1]:5.1%}]" if n else f"{'-':>6} {'':15}"
+
+    def line(name: str, r: dict) -> str:
+        return (f"  {name:30} {r['n']:5d} {r['risk']:5d}   {rate(r['recall'], r['recall_ci'], r['risk'])}   "
+                f"{rate(r['false_alarms'], r['false_alarms_ci'], r['ordinary'])}")
+
+    result = {"all": rates(rows, flagged)}
+    say(title)
+    say(f"  {'':30} {'n':>5} {'risk':>5}   {'recall [Wilson 95%]':24}   false alarms [Wilson 95%]")
+    say(line("all", result["all"]))
+    for key in ("lang", "category"):
+        for value in sorted({r.get(key) or "" for r in rows} - {""}):
+            pick = [i for i, r in enumerate(rows) if r.get(key) == value]
+            result[f"{key}={value}"] = rates([rows[i] for i in pick], [flagged[i] for i in pick])
+            say(line(f"{key} {value}", result[f"{key}={value}"]))
+    return result
+
+
+def evaluate(path: Path, say=print) -> dict:
+    """The guard the environment configures (as in vLLM: learned by default, CRISIS_DETECTOR=served and the
+    CRISIS_GUARD_* variables for a guard model), backstop included, on a labelled file; no audit lines."""
+    rows = read_rows([path])
+    guard = Guard.from_env()
+    decisions = [guard.decide([r["text"]]) for r in rows]
+    used = sorted({d.detector for d in decisions})
+    fallbacks = sum(d.fallback is not None for d in decisions)
+    what = f"{'/'.join(used)}, learned threshold {learned_model().threshold:.4f}, + backstop" + (
+        f"; {fallbacks} served-guard failures decided by the learned detector" if fallbacks else "")
+    return report(rows, [d.risk for d in decisions], f"crisis guard ({what}) on {path}", say)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m serve.crisis", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="retrain serve/crisis_model.npz from the training files")
+    p.add_argument("--out", type=Path, default=MODEL_PATH)
+    sub.add_parser("cv", help="cross-validated recall and false alarms on the training files")
+    p = sub.add_parser("evaluate", help="recall and false alarms on a labelled .jsonl (text, risk, lang)")
+    p.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "evaluate":
+        if not args.file.is_file():
+            print(f"{args.file}: no such file", file=sys.stderr)
+            return 2
+        evaluate(args.file)
+        return 0
+    if args.command == "train":
+        model, scores = train()
+        model.save(args.out)
+        learned_model.cache_clear()
+        print(f"[crisis] wrote {args.out} ({args.out.stat().st_size // 1024} KiB, threshold {model.threshold:.4f})")
+        return 0
+    rows = read_rows(TRAIN_FILES)
+    scores = out_of_fold(rows)
+    threshold = choose_threshold(scores, rows)
+    for name, flagged in [("learned alone", scores >= threshold),
+                          ("backstop alone", [regex_fires(r["text"]) for r in rows]),
+                          ("learned + backstop", [(s >= threshold) or regex_fires(r["text"])
+                                                  for s, r in zip(scores, rows)])]:
+        report(rows, list(flagged), f"{FOLDS}-fold cross-validation, {name} (threshold {threshold:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

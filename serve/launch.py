@@ -34,6 +34,7 @@ from core import layout
 from core.errors import PackError, show_path
 from core.layout import REPO
 from core.schema import Pack
+from serve.crisis import guard_env
 from serve.parity import check_run
 from serve.procs import ARENA_MODULE, VLLM_MODULE, Child, alive_children, log_tail, spawn, state_path, stop, write_state
 
@@ -133,7 +134,7 @@ def vllm_command(python: str, model: Path, names: list[str], host: str, port: in
     elif not getattr(serve_cfg, "compile", False):
         cmd += ["--enforce-eager"]  # no CUDA graphs here, and compiling makes the start minutes longer
     if getattr(serve_cfg, "crisis_guard", False):
-        cmd += ["--middleware", "serve.crisis.CrisisMiddleware"]
+        cmd += ["--middleware", "serve.crisis_middleware.CrisisMiddleware"]
     return cmd
 
 
@@ -151,10 +152,9 @@ def cpu_split(parts: int) -> list[str]:
 
 
 def vllm_env(api_key_value: str, serve_cfg, cuda: bool, cpus: str | None = None) -> dict:
-    # API_KEY and CRISIS_LOCALE are read by serve.crisis.CrisisMiddleware; PYTHONPATH lets vLLM import it.
+    # API_KEY and the CRISIS_* settings are read by serve.crisis_middleware.CrisisMiddleware; PYTHONPATH lets vLLM import it.
     env = dict(os.environ, VLLM_API_KEY=api_key_value, API_KEY=api_key_value, VLLM_NO_USAGE_STATS="1",
-               DO_NOT_TRACK="1", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
-               CRISIS_LOCALE=getattr(serve_cfg, "crisis_locale", "US"),
+               DO_NOT_TRACK="1", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), **guard_env(serve_cfg),
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     if not cuda:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(serve_cfg.kv_cache_gib)
@@ -168,7 +168,10 @@ def start_vllm(role: str, model: Path, names: list[str], host: str, port: int, k
     cuda = on_cuda() if cuda is None else cuda
     cmd = vllm_command(serve_python(cuda), model, names, host, port, serve_cfg, cuda)
     url = f"http://{_url_host(host)}:{port}/v1"
-    return spawn(role, cmd, vllm_env(key, serve_cfg, cuda, cpus), log, url, names, tie_to_parent)
+    env = vllm_env(key, serve_cfg, cuda, cpus)
+    # the crisis guard's decisions (no message text) beside the server logs: runs/<domain>/serve/crisis_audit.jsonl
+    env.setdefault("CRISIS_AUDIT_LOG", str(log.parent / "crisis_audit.jsonl"))
+    return spawn(role, cmd, env, log, url, names, tie_to_parent)
 
 
 def _url_host(host: str) -> str:
@@ -268,6 +271,9 @@ def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = F
                "--port", str(ends["arena"][0]), *overrides]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
         env.pop("API_KEY", None)  # the arena reads the key file
+        if cfg.crisis_guard:  # the arena's crisis_reply uses the same detector and audit log as the API
+            env.update(guard_env(cfg))
+            env.setdefault("CRISIS_AUDIT_LOG", str(serve_dir / "crisis_audit.jsonl"))
         children.append(spawn("arena", cmd, env, serve_dir / "arena.log",
                               f"http://{_url_host(host)}:{ends['arena'][0]}/", [], tie))
         write_state(serve_dir, children, detach)
