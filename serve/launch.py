@@ -134,6 +134,8 @@ def vllm_command(python: str, model: Path, names: list[str], host: str, port: in
         cmd += ["--enforce-eager"]  # no CUDA graphs here, and compiling makes the start minutes longer
     if getattr(serve_cfg, "crisis_guard", False):
         cmd += ["--middleware", "serve.crisis.CrisisMiddleware"]
+    # Last: Starlette wraps the last middleware added outermost, so the key (and body size) is checked first.
+    cmd += ["--middleware", "serve.auth.ApiKeyMiddleware"]
     return cmd
 
 
@@ -151,10 +153,12 @@ def cpu_split(parts: int) -> list[str]:
 
 
 def vllm_env(api_key_value: str, serve_cfg, cuda: bool, cpus: str | None = None) -> dict:
-    # API_KEY and CRISIS_LOCALE are read by serve.crisis.CrisisMiddleware; PYTHONPATH lets vLLM import it.
+    # API_KEY and CRISIS_LOCALE are read by serve.crisis.CrisisMiddleware, VLLM_API_KEY also by
+    # serve.auth.ApiKeyMiddleware; PYTHONPATH lets vLLM import them.
     env = dict(os.environ, VLLM_API_KEY=api_key_value, API_KEY=api_key_value, VLLM_NO_USAGE_STATS="1",
                DO_NOT_TRACK="1", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
                CRISIS_LOCALE=getattr(serve_cfg, "crisis_locale", "US"),
+               API_MAX_REQUEST_BYTES=str(serve_cfg.max_request_bytes),  # read by serve.auth.ApiKeyMiddleware
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     if not cuda:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(serve_cfg.kv_cache_gib)
