@@ -199,7 +199,9 @@ def load_arena(args) -> Arena:
         api_key = os.environ.get("API_KEY", "EMPTY")
     tuned_client = make_client(args.tuned_url, api_key)
     base_client = tuned_client if args.base_url == args.tuned_url else make_client(args.base_url, api_key)
-    return Arena(pack=pack, store=Store(db_path(pack.name)),
+    store = Store(db_path(pack.name), max_votes_per_rater=pack.serve.arena_max_votes_per_rater,
+                  min_seconds_between_votes=pack.serve.arena_min_seconds_between_votes)
+    return Arena(pack=pack, store=store,
                  tuned=Side("tuned", args.tuned_model or pack.name, args.tuned_url, tuned_client),
                  base=Side("base", args.base_model or f"{pack.name}-base", args.base_url, base_client))
 
