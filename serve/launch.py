@@ -35,7 +35,8 @@ from core.errors import PackError, show_path
 from core.layout import REPO
 from core.schema import Pack
 from serve.parity import check_run
-from serve.procs import ARENA_MODULE, VLLM_MODULE, Child, alive_children, log_tail, spawn, state_path, stop, write_state
+from serve.procs import (ARENA_MODULE, VLLM_MODULE, Child, alive_children, log_tail, serve_lock, spawn, state_path,
+                         stop, write_state)
 
 # ------------------------------------------------------------------------------------------ machine
 
@@ -219,7 +220,13 @@ def wait_ready(children: list[Child], key: str, timeout: float, say=print) -> No
 
 def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = False, say=print) -> int:
     """Check, start and wait for both servers and the arena; then return (detach) or watch them until a
-    signal or a crash, stopping every child on the way out."""
+    signal or a crash, stopping every child on the way out. All under the domain's serve lock: a second
+    serve of the domain, while this one starts (or runs in the foreground), is refused at once."""
+    with serve_lock(layout.serve_dir(run_dir), pack.name):
+        return _serve(pack, run_dir, overrides, detach, say)
+
+
+def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -> int:
     serve_dir = layout.serve_dir(run_dir)
     running = alive_children(serve_dir)
     if running:

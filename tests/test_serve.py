@@ -201,8 +201,6 @@ def test_detached_serve_answers_as_domain_and_base_and_stop_leaves_nothing(works
     import openai
     from conftest import REPO, build_tiny_model, free_port, make_pack
 
-    from serve.launch import arena_available
-
     make_pack(workspace, "finance", PACK)
     run = workspace / "runs" / "finance"
     build_tiny_model(run / "base" / "model", tokenizer_dir, hidden=256)
@@ -228,7 +226,7 @@ def test_detached_serve_answers_as_domain_and_base_and_stop_leaves_nothing(works
                                                    max_tokens=4)
             assert reply.usage.completion_tokens > 0
         pids = [c["pid"] for c in json.loads((run / "serve" / "state.json").read_text())["children"]]
-        assert len(pids) == (3 if arena_available() else 2)  # tuned, base and the arena once it exists
+        assert len(pids) == 3  # tuned, base and the arena
 
         again = subprocess.run([*cli, "serve", "--domain", "finance", "--detach"], env=env, capture_output=True,
                                text=True, timeout=120)
