@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from pathlib import Path
 
 OPEN_ROUTES = {"/health", "/ping"}
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
@@ -94,3 +95,63 @@ class ApiKeyMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+# ------------------------------------------------------------------ beyond loopback: who may connect
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost reach this machine only; anything else (0.0.0.0, a LAN address) does not."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def parse_users(text: str, where: str) -> dict[str, str]:
+    """`name:password` entries, one a line in a file or comma-separated in ARENA_USERS; # starts a comment."""
+    from core.errors import PackError
+
+    users, problems = {}, []
+    lines = text.split(",") if where == "ARENA_USERS" else text.splitlines()
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, password = line.partition(":")
+        if not sep or not name.strip() or not password:
+            problems.append(f"{where} entry {n}: expected name:password, got {line.split(':')[0]!r}"
+                            f"{':…' if sep else ''}")
+        elif name.strip() in users:
+            problems.append(f"{where} entry {n}: user {name.strip()!r} given twice")
+        else:
+            users[name.strip()] = password
+    if problems:
+        raise PackError(problems, f"arena users in {where} have problems")
+    return users
+
+
+def arena_users(serve_cfg, serve_dir: Path, pack_dir: Path) -> tuple[dict[str, str], str]:
+    """The arena's logins and where they came from: ARENA_USERS="ada:pw,bob:pw2" if set, else the file
+    serve.arena_users_file (relative to the pack folder), else runs/<domain>/serve/arena_users if it exists;
+    ({}, "") when none is given."""
+    from core.errors import PackError, show_path
+
+    env = os.environ.get("ARENA_USERS", "").strip()
+    if env:
+        return parse_users(env, "ARENA_USERS"), "ARENA_USERS"
+    if serve_cfg.arena_users_file:
+        path = Path(pack_dir) / serve_cfg.arena_users_file
+        if not path.is_file():
+            raise PackError(f"serve.arena_users_file: {show_path(path)} does not exist; write `name:password` "
+                            "lines there, or set ARENA_USERS='name:password,...'")
+    else:
+        path = Path(serve_dir) / "arena_users"
+        if not path.is_file():
+            return {}, ""
+    users = parse_users(path.read_text(encoding="utf-8"), show_path(path))
+    if not users:
+        raise PackError(f"{show_path(path)} lists no user; write `name:password` lines")
+    return users, show_path(path)

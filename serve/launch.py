@@ -34,6 +34,7 @@ from core import layout
 from core.errors import PackError, show_path
 from core.layout import REPO
 from core.schema import Pack
+from serve.auth import arena_users, is_loopback
 from serve.parity import check_run
 from serve.procs import (ARENA_MODULE, VLLM_MODULE, Child, alive_children, log_tail, serve_lock, spawn, state_path,
                          stop, write_state)
@@ -226,6 +227,22 @@ def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = F
         return _serve(pack, run_dir, overrides, detach, say)
 
 
+def check_exposure(pack: Pack, host: str, serve_dir: Path) -> None:
+    """Bound beyond loopback, the servers need a key the operator chose or kept (API_KEY, or the key file of
+    an earlier run) and the arena needs logins (ARENA_USERS or a users file): else one PackError saying both."""
+    if is_loopback(host):
+        return
+    missing = []
+    if not os.environ.get("API_KEY", "").strip() and not (serve_dir / "api_key").is_file():
+        missing.append(f"an API key (API_KEY=<key>, or a key kept in {show_path(serve_dir / 'api_key')})")
+    if not arena_users(pack.serve, serve_dir, pack.dir)[0]:
+        where = pack.serve.arena_users_file or show_path(serve_dir / "arena_users")
+        missing.append(f"arena logins (ARENA_USERS='name:password,...', or `name:password` lines in {where})")
+    if missing:
+        raise PackError(f"HOST={host} serves beyond this machine, so it needs " + " and ".join(missing)
+                        + "; or keep the default HOST=127.0.0.1")
+
+
 def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -> int:
     serve_dir = layout.serve_dir(run_dir)
     running = alive_children(serve_dir)
@@ -233,6 +250,7 @@ def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -
         pids = ", ".join(f"{e['role']} pid {e['pid']}" for e in running)
         raise PackError(f"'{pack.name}' is already being served ({pids}); stop it with "
                         f"`make domain={pack.name} stop` first")
+    check_exposure(pack, endpoints(pack)["host"], serve_dir)
     tuned_dir = layout.model_dir(run_dir, "merge")  # PackError telling to run `make domain=x merge` when absent
     base_dir = layout.model_dir(run_dir, "base")
     summary = check_run(pack, run_dir, tuned_dir)
