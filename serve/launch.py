@@ -11,7 +11,10 @@ What runs: runs/<domain>/merge/model as model `<domain>` on serve.port (8000), r
 from .venv-serve when it exists, each server taking serve.gpu_memory_utilization of the GPU memory.
 
 Environment: HOST (bind address, default 127.0.0.1), PORT / BASE_PORT / ARENA_PORT, API_KEY (otherwise one is
-generated for the run and kept, mode 0600, in runs/<domain>/serve/api_key). The key reaches vLLM through
+generated for the run and kept, mode 0600, in runs/<domain>/serve/api_key), ARENA_USERS (arena logins). Beyond
+loopback (any other HOST) serve refuses to start without a key given (API_KEY or a kept key file) and arena
+logins (ARENA_USERS or a users file, see serve/auth.py). Every vLLM route but /health and /ping needs the key
+(serve/auth.py, loaded with --middleware). The key reaches vLLM through
 VLLM_API_KEY, not the command line, so `ps` does not show it. A server counts as ready when GET /v1/models
 lists its model; one that is not ready in serve.ready_timeout_s is stopped and its log tail shown.
 """
