@@ -159,7 +159,8 @@ def build_app(arena: Arena, login: bool = False):
                 yield chats(battle)
             yield {battle_state: battle, **chats(battle), **buttons(battle.ready, True), status: (
                 "Both answers are in: vote, or continue the conversation (one vote covers it all)."
-                if battle.ready else "A model failed or gave an empty answer: press **Regenerate** or start a **New round**.")}
+                if battle.ready else
+                "A model failed or gave an empty answer: press **Regenerate** or start a **New round**.")}
 
         def regenerate(battle: Battle | None):
             try:
