@@ -123,12 +123,14 @@ def marked(owner: str) -> dict[int, int]:
 
 
 def stop_groups(pgids: list[int], owner: str, grace: float = 20) -> None:
-    """SIGTERM every process group that holds a process carrying our marker (a group id can be reused, so
-    only those), and each such process itself (one that left its group); wait up to `grace` s for all of
-    them to end; SIGKILL what is left. `pgids` (our own children's) are reaped on the way."""
+    """SIGTERM `pgids` (groups known to be ours), every other process group that holds a process carrying our
+    marker (a group id can be reused, so only those), and each such process itself (one that left its
+    group); wait up to `grace` s for all of them to end and be reaped; SIGKILL what is left."""
     def signal_all(sig: int) -> None:
         live = marked(owner)
-        for g in set(live.values()):
+        # pgids were checked as ours by the caller (our children; state.json entries that alive_children
+        # found): signal them even if a member lacks the marker
+        for g in set(live.values()) | {g for g in pgids if not _group_gone(g)}:
             try:
                 os.killpg(g, sig)
             except (ProcessLookupError, PermissionError):
@@ -147,10 +149,22 @@ def stop_groups(pgids: list[int], owner: str, grace: float = 20) -> None:
                 os.waitpid(g, os.WNOHANG)
             except ChildProcessError:
                 pass
-        if not marked(owner):
+        # done when no process of ours runs and the recorded groups are gone: their killed members are
+        # reaped (by us, or by init for orphans), so the group id is free and nothing looks alive
+        if not marked(owner) and all(_group_gone(g) for g in pgids):
             return
         time.sleep(0.2)
     signal_all(signal.SIGKILL)
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # the id now belongs to someone else's group: ours is gone
+        return True
+    return False
 
 
 def stop(children: list[Child]) -> None:
