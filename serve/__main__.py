@@ -15,7 +15,8 @@ from core import cli
 
 EPILOG = """environment: HOST (bind address, default 127.0.0.1), PORT / BASE_PORT / ARENA_PORT (ports, default
   serve.port 8000 / serve.base_port 8001 / serve.arena_port 7860), API_KEY (else generated once and kept in
-  runs/<domain>/serve/api_key, mode 0600), GPU=0|1 (force CPU or CUDA), RUNS_DIR, DOMAINS_DIR.
+  runs/<domain>/serve/api_key, mode 0600), ARENA_USERS="name:password,..." (arena logins; needed, with a
+  given key, for any HOST beyond loopback), GPU=0|1 (force CPU or CUDA), RUNS_DIR, DOMAINS_DIR.
 logs: runs/<domain>/serve/{tuned,base,arena}.log"""
 
 

@@ -9,6 +9,10 @@ revealed. Chat tab: the tuned model alone. Leaderboard tab: the statistics of co
         --base-url http://127.0.0.1:8001/v1 --api-key-file runs/finance/serve/api_key
     python -m serve.arena --domain finance ... serve.max_tokens=128     # pack overrides, as in make
 
+Login: with users in ARENA_USERS="ada:pw,bob:pw2" or a users file (serve.arena_users_file, else
+runs/<domain>/serve/arena_users, `name:password` lines) the arena asks for Gradio's login and the rater is the
+logged-in user; without users it stays open, and then refuses to bind beyond loopback.
+
 Votes land in runs/<domain>/arena.sqlite; `make domain=finance export-votes` turns them into preference
 pairs for the next pref round. This module is the Gradio layout and the command line only: what a battle
 does is serve/battle.py's, and the handlers here turn its results and BattleErrors into named updates.
@@ -18,14 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 from core import cli
 from core.errors import PackError, show_path
+from core.layout import run_dir, serve_dir
 from core.pack import load_pack
 from core.schema import Pack
 from core.votes import Store, db_path
+from serve.auth import arena_users, is_loopback
 from serve.battle import VOTE_LABELS, Arena, Battle, BattleError, CrisisReply, Side, make_client
 
 MAX_EXAMPLES = 30
@@ -59,7 +64,8 @@ def example_prompts(pack: Pack) -> list[str]:
     return [r["prompt"] for r in rows][:MAX_EXAMPLES]
 
 
-def build_app(arena: Arena):
+def build_app(arena: Arena, login: bool = False):
+    """The Blocks app. With login (Gradio's auth), the rater is the logged-in user, not a typed name."""
     import gradio as gr
 
     pack = arena.pack
@@ -69,7 +75,7 @@ def build_app(arena: Arena):
         with gr.Tab("Battle"):
             rater = gr.State("")
             battle_state = gr.State(None)  # this tab's Battle; None until the first prompt and after New round
-            with gr.Row():
+            with gr.Row(visible=not login):
                 rater_box = gr.Textbox(label="Your name (asked once)", placeholder="name or initials",
                                        elem_id="rater", scale=3)
                 rater_btn = gr.Button("Start rating", elem_id="rater-btn", scale=1)
@@ -123,9 +129,23 @@ def build_app(arena: Arena):
                     rater_btn: gr.update(visible=False),
                     status: f"Rating as **{name}**. Type a prompt or pick an example below."}
 
-        def send(text: str, name: str, battle: Battle | None):
+        def takes_request(fn):
+            # Gradio passes gr.Request to a parameter whose resolved type hint is gr.Request; the hints of this
+            # module are strings (PEP 563) that cannot resolve to gradio, imported here and not at module level.
+            fn.__annotations__["request"] = gr.Request
+            return fn
+
+        def rater_of(name: str, request) -> str:
+            return request.username if login else name
+
+        @takes_request
+        def greet(request):
+            return f"Rating as **{request.username}**. Type a prompt or pick an example below."
+
+        @takes_request
+        def send(text: str, name: str, battle: Battle | None, request):
             try:
-                battle = arena.send(battle, text, name)
+                battle = arena.send(battle, text, rater_of(name, request))
             except CrisisReply as e:  # crisis lines in place of answers; the battle on screen stays as it is
                 yield {prompt: "", status: f"⚠️ {e}"}
                 return
@@ -139,7 +159,8 @@ def build_app(arena: Arena):
                 yield chats(battle)
             yield {battle_state: battle, **chats(battle), **buttons(battle.ready, True), status: (
                 "Both answers are in: vote, or continue the conversation (one vote covers it all)."
-                if battle.ready else "A model failed: press **Regenerate** or start a **New round**.")}
+                if battle.ready else
+                "A model failed or gave an empty answer: press **Regenerate** or start a **New round**.")}
 
         def regenerate(battle: Battle | None):
             try:
@@ -151,11 +172,11 @@ def build_app(arena: Arena):
                 yield chats(battle)
             yield {battle_state: battle, **chats(battle), **buttons(battle.ready, True), status: (
                 "Regenerated both answers." if battle.ready
-                else "A model failed again: press **Regenerate** or start a **New round**.")}
+                else "A model failed again (or answered nothing): press **Regenerate** or start a **New round**.")}
 
-        def vote(kind: str, name: str, battle: Battle | None):
+        def vote(kind: str, name: str, battle: Battle | None, request):
             try:
-                arena.vote(battle, kind, name)  # committed to SQLite before anything is revealed
+                arena.vote(battle, kind, rater_of(name, request))  # committed to SQLite before anything is revealed
             except BattleError as e:
                 raise gr.Error(str(e)) from None
             labels = battle.labels()
@@ -177,10 +198,14 @@ def build_app(arena: Arena):
               [battle_state, chat_a, chat_b, prompt, *votes, regen_btn, status], api_name="send")
         regen_btn.click(regenerate, [battle_state], screen, api_name="regenerate")
         for btn, kind, api in zip(votes, VOTE_LABELS, VOTE_APIS):
-            btn.click(partial(vote, kind), [rater, battle_state], [*screen, board], api_name=api)
+            # not functools.partial: Gradio reads no type hints through it, and would not pass the request
+            btn.click(takes_request(lambda name, battle, request, kind=kind: vote(kind, name, battle, request)),
+                      [rater, battle_state], [*screen, board], api_name=api)
         new_btn.click(new_round, None, screen, api_name="new_round")
         refresh.click(arena.leaderboard, None, board, api_name="leaderboard")
         board_tab.select(arena.leaderboard, None, board, api_visibility="private")
+        if login:
+            demo.load(greet, None, status, api_visibility="private")
     return demo
 
 
@@ -199,7 +224,9 @@ def load_arena(args) -> Arena:
         api_key = os.environ.get("API_KEY", "EMPTY")
     tuned_client = make_client(args.tuned_url, api_key)
     base_client = tuned_client if args.base_url == args.tuned_url else make_client(args.base_url, api_key)
-    return Arena(pack=pack, store=Store(db_path(pack.name)),
+    store = Store(db_path(pack.name), max_votes_per_rater=pack.serve.arena_max_votes_per_rater,
+                  min_seconds_between_votes=pack.serve.arena_min_seconds_between_votes)
+    return Arena(pack=pack, store=store,
                  tuned=Side("tuned", args.tuned_model or pack.name, args.tuned_url, tuned_client),
                  base=Side("base", args.base_model or f"{pack.name}-base", args.base_url, base_client))
 
@@ -208,11 +235,18 @@ def serve(args) -> None:
     arena = load_arena(args)
     host = args.host or arena.pack.serve.host
     port = args.port or arena.pack.serve.arena_port
+    users, source = arena_users(arena.pack.serve, serve_dir(run_dir(arena.pack.name)), arena.pack.dir)
+    if not users and not is_loopback(host):
+        raise PackError(f"--host {host} serves the arena beyond this machine, so it needs logins: set "
+                        "ARENA_USERS='name:password,...' or write `name:password` lines in "
+                        f"{show_path(serve_dir(run_dir(arena.pack.name)) / 'arena_users')}")
     print(f"arena: tuned {arena.tuned.model} @ {arena.tuned.url}, base {arena.base.model} @ {arena.base.url}; "
-          f"votes -> {show_path(arena.store.path)}", flush=True)
-    demo = build_app(arena)
-    demo.queue(default_concurrency_limit=64).launch(server_name=host, server_port=port, ssr_mode=False,
-                                                     show_error=True, quiet=True)
+          f"votes -> {show_path(arena.store.path)}; "
+          + (f"login for {len(users)} users from {source}" if users else "no login (loopback only)"), flush=True)
+    demo = build_app(arena, login=bool(users))
+    demo.queue(default_concurrency_limit=64).launch(
+        server_name=host, server_port=port, ssr_mode=False, show_error=True, quiet=True,
+        auth=list(users.items()) or None, auth_message=f"{arena.pack.name} arena: log in to rate")
 
 
 def main(argv: list[str] | None = None) -> int:

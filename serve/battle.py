@@ -223,7 +223,8 @@ class Arena:
                     latency_s=info["latency_s"], first_token_s=info["first_token_s"],
                     prompt_tokens=info["prompt_tokens"], completion_tokens=info["completion_tokens"],
                     finish_reason=info["finish_reason"], error=info["error"])
-            battle.ready = not any(info["error"] for info in done.values())
+            # as the store counts a vote: both answers finished (no error, a finish reason) and not blank
+            battle.ready = all(not i["error"] and i["finish_reason"] and i["text"].strip() for i in done.values())
         finally:  # also when the rater leaves mid-stream: the battle is then not ready, and Regenerate works
             battle.busy = False
 

@@ -11,7 +11,10 @@ What runs: runs/<domain>/merge/model as model `<domain>` on serve.port (8000), r
 from .venv-serve when it exists, each server taking serve.gpu_memory_utilization of the GPU memory.
 
 Environment: HOST (bind address, default 127.0.0.1), PORT / BASE_PORT / ARENA_PORT, API_KEY (otherwise one is
-generated for the run and kept, mode 0600, in runs/<domain>/serve/api_key). The key reaches vLLM through
+generated for the run and kept, mode 0600, in runs/<domain>/serve/api_key), ARENA_USERS (arena logins). Beyond
+loopback (any other HOST) serve refuses to start without a key given (API_KEY or a kept key file) and arena
+logins (ARENA_USERS or a users file, see serve/auth.py). Every vLLM route but /health and /ping needs the key
+(serve/auth.py, loaded with --middleware). The key reaches vLLM through
 VLLM_API_KEY, not the command line, so `ps` does not show it. A server counts as ready when GET /v1/models
 lists its model; one that is not ready in serve.ready_timeout_s is stopped and its log tail shown.
 """
@@ -34,9 +37,21 @@ from core import layout
 from core.errors import PackError, show_path
 from core.layout import REPO
 from core.schema import Pack
+from serve.auth import arena_users, is_loopback
 from serve.crisis import guard_env
 from serve.parity import check_run
-from serve.procs import ARENA_MODULE, VLLM_MODULE, Child, alive_children, log_tail, spawn, state_path, stop, write_state
+from serve.procs import (
+    ARENA_MODULE,
+    VLLM_MODULE,
+    Child,
+    alive_children,
+    log_tail,
+    serve_lock,
+    spawn,
+    state_path,
+    stop,
+    write_state,
+)
 
 # ------------------------------------------------------------------------------------------ machine
 
@@ -135,6 +150,8 @@ def vllm_command(python: str, model: Path, names: list[str], host: str, port: in
         cmd += ["--enforce-eager"]  # no CUDA graphs here, and compiling makes the start minutes longer
     if getattr(serve_cfg, "crisis_guard", False):
         cmd += ["--middleware", "serve.crisis_middleware.CrisisMiddleware"]
+    # Last: Starlette wraps the last middleware added outermost, so the key (and body size) is checked first.
+    cmd += ["--middleware", "serve.auth.ApiKeyMiddleware"]
     return cmd
 
 
@@ -152,9 +169,11 @@ def cpu_split(parts: int) -> list[str]:
 
 
 def vllm_env(api_key_value: str, serve_cfg, cuda: bool, cpus: str | None = None) -> dict:
-    # API_KEY and the CRISIS_* settings are read by serve.crisis_middleware.CrisisMiddleware; PYTHONPATH lets vLLM import it.
+    # API_KEY and the CRISIS_* settings are read by serve.crisis_middleware.CrisisMiddleware, VLLM_API_KEY and
+    # API_MAX_REQUEST_BYTES by serve.auth.ApiKeyMiddleware; PYTHONPATH lets vLLM import them.
     env = dict(os.environ, VLLM_API_KEY=api_key_value, API_KEY=api_key_value, VLLM_NO_USAGE_STATS="1",
                DO_NOT_TRACK="1", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), **guard_env(serve_cfg),
+               API_MAX_REQUEST_BYTES=str(serve_cfg.max_request_bytes),
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     if not cuda:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(serve_cfg.kv_cache_gib)
@@ -218,13 +237,36 @@ def wait_ready(children: list[Child], key: str, timeout: float, say=print) -> No
 
 def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = False, say=print) -> int:
     """Check, start and wait for both servers and the arena; then return (detach) or watch them until a
-    signal or a crash, stopping every child on the way out."""
+    signal or a crash, stopping every child on the way out. All under the domain's serve lock: a second
+    serve of the domain, while this one starts (or runs in the foreground), is refused at once."""
+    with serve_lock(layout.serve_dir(run_dir), pack.name):
+        return _serve(pack, run_dir, overrides, detach, say)
+
+
+def check_exposure(pack: Pack, host: str, serve_dir: Path) -> None:
+    """Bound beyond loopback, the servers need a key the operator chose or kept (API_KEY, or the key file of
+    an earlier run) and the arena needs logins (ARENA_USERS or a users file): else one PackError saying both."""
+    if is_loopback(host):
+        return
+    missing = []
+    if not os.environ.get("API_KEY", "").strip() and not (serve_dir / "api_key").is_file():
+        missing.append(f"an API key (API_KEY=<key>, or a key kept in {show_path(serve_dir / 'api_key')})")
+    if not arena_users(pack.serve, serve_dir, pack.dir)[0]:
+        where = pack.serve.arena_users_file or show_path(serve_dir / "arena_users")
+        missing.append(f"arena logins (ARENA_USERS='name:password,...', or `name:password` lines in {where})")
+    if missing:
+        raise PackError(f"HOST={host} serves beyond this machine, so it needs " + " and ".join(missing)
+                        + "; or keep the default HOST=127.0.0.1")
+
+
+def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -> int:
     serve_dir = layout.serve_dir(run_dir)
     running = alive_children(serve_dir)
     if running:
         pids = ", ".join(f"{e['role']} pid {e['pid']}" for e in running)
         raise PackError(f"'{pack.name}' is already being served ({pids}); stop it with "
                         f"`make domain={pack.name} stop` first")
+    check_exposure(pack, endpoints(pack)["host"], serve_dir)
     tuned_dir = layout.model_dir(run_dir, "merge")  # PackError telling to run `make domain=x merge` when absent
     base_dir = layout.model_dir(run_dir, "base")
     summary = check_run(pack, run_dir, tuned_dir)

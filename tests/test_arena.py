@@ -254,3 +254,78 @@ def test_missing_api_key_file_is_one_clear_error(workspace):
                        timeout=120)
     assert r.returncode == 2
     assert r.stderr.startswith("error: --api-key-file nope/api_key does not exist") and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------ login beyond loopback
+
+
+def test_arena_users_from_the_environment_or_a_file(workspace, monkeypatch):
+    from core.errors import PackError
+    from core.schema import ServeStage
+    from serve.auth import arena_users, is_loopback, parse_users
+
+    assert is_loopback("127.0.0.1") and is_loopback("127.0.0.5") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("::")
+    serve_dir = workspace / "runs" / "t" / "serve"
+    assert arena_users(ServeStage(), serve_dir, workspace) == ({}, "")
+    serve_dir.mkdir(parents=True)
+    (serve_dir / "arena_users").write_text("# raters\nada:pw:with:colons\n\nbob: pw2\n")
+    users, source = arena_users(ServeStage(), serve_dir, workspace)
+    assert users == {"ada": "pw:with:colons", "bob": " pw2"} and source.endswith("serve/arena_users")
+    monkeypatch.setenv("ARENA_USERS", "cy:pw3, dee:pw4")
+    assert arena_users(ServeStage(), serve_dir, workspace)[0] == {"cy": "pw3", "dee": "pw4"}
+    with pytest.raises(PackError) as e:
+        parse_users("ada:pw,bob,ada:x,:nopw", "ARENA_USERS")
+    assert e.value.problems == ["ARENA_USERS entry 2: expected name:password, got 'bob'",
+                                "ARENA_USERS entry 3: user 'ada' given twice",
+                                "ARENA_USERS entry 4: expected name:password, got '':…"]
+    monkeypatch.delenv("ARENA_USERS")
+    with pytest.raises(PackError, match="serve.arena_users_file: .*nope does not exist"):
+        arena_users(ServeStage(arena_users_file="nope"), serve_dir, workspace)
+
+
+def test_arena_beyond_loopback_without_logins_is_refused(workspace):
+    make_pack(workspace, "t", "name: t\n")
+    r = subprocess.run([sys.executable, "-m", "serve.arena", "--domain", "t", "--tuned-url", "http://x/v1",
+                        "--base-url", "http://x/v1", "--host", "0.0.0.0"],
+                       cwd=workspace, env=dict(os.environ, PYTHONPATH=str(REPO), ARENA_USERS=""),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --host 0.0.0.0 serves the arena beyond this machine, so it needs logins")
+
+
+@pytest.mark.slow
+def test_arena_on_every_address_needs_a_login_and_votes_as_the_user(tmp_path):
+    from gradio_client import Client
+
+    from tests.conftest import fake_openai_server
+
+    server = fake_openai_server("sk-x", ("t", "t-base"))
+    make_pack(tmp_path, "t", "name: t\nserve:\n  max_tokens: 20\n")
+    (tmp_path / "key").write_text("sk-x\n")
+    port = free_port()
+    env = dict(os.environ, DOMAINS_DIR=str(tmp_path / "domains"), RUNS_DIR=str(tmp_path / "runs"),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(REPO), ARENA_USERS="ada:s3cret-1,bob:s3cret-2")
+    log = open(tmp_path / "arena.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.arena", "--domain", "t", "--tuned-url", server.url, "--base-url",
+         server.url, "--api-key-file", str(tmp_path / "key"), "--host", "0.0.0.0", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url, 120, proc)
+        with pytest.raises(Exception):
+            Client(url, verbose=False)  # no login: the app's config and API are refused
+        with pytest.raises(Exception):
+            Client(url, auth=("ada", "wrong"), verbose=False)
+        client = Client(url, auth=("ada", "s3cret-1"), verbose=False)
+        *_, status = client.predict("What is a bond?", api_name="/send")  # no name typed: the login is the rater
+        assert "vote" in status
+        client.predict(api_name="/vote_a")
+        assert query(tmp_path / "runs" / "t" / "arena.sqlite", "SELECT rater FROM votes") == [("ada",)]
+        assert "login for 2 users from ARENA_USERS" in (tmp_path / "arena.log").read_text()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
+        log.close()
+        server.stop()

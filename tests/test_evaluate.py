@@ -78,8 +78,8 @@ def test_eval_and_report_stages(workspace, tiny_model_dir, tokenizer_dir, capsys
     for i, kind in enumerate(["model_a", "model_a", "model_b", "tie"]):
         battle = store.new_battle("toy", "toy-base")
         store.add_turn(battle, 0, f"question {i}")
-        store.add_generation(battle, 0, "a", "toy", "tuned answer")
-        store.add_generation(battle, 0, "b", "toy-base", "base answer")
+        store.add_generation(battle, 0, "a", "toy", "tuned answer", finish_reason="stop")
+        store.add_generation(battle, 0, "b", "toy-base", "base answer", finish_reason="stop")
         store.vote(battle, kind, "rater")
 
     runner.run_stage(pack, "report", run_dir)

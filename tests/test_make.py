@@ -95,3 +95,13 @@ def test_tracking_is_a_pack_key_on_the_command_line(make):
     proc = make("show", "domain=toy", "tracking=neptune")
     assert proc.returncode == 2 and "tracking" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert ".venv/bin/tensorboard --logdir" in make("-n", "domain=toy", "tensorboard").stdout
+
+
+def test_serve_on_every_address_without_credentials_is_refused(make, workspace):
+    """`make domain=toy serve HOST=0.0.0.0`: one error, exit 2 from the program (make says Error 2)."""
+    proc = make("serve", "domain=toy", "HOST=0.0.0.0", "API_KEY=", "ARENA_USERS=")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: HOST=0.0.0.0 serves beyond this machine, so it needs an API key")
+    assert "arena logins" in proc.stderr and "Traceback" not in proc.stderr
+    proc = make("serve", "domain=toy", "HOST=0.0.0.0", "API_KEY=sk-given", "ARENA_USERS=ada:pw")
+    assert proc.returncode == 2 and "make domain=toy merge" in proc.stderr  # past the check, to the missing run

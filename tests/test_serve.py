@@ -151,6 +151,41 @@ def test_taken_port_names_the_port_and_the_variable(workspace, tiny_model_dir, m
     assert not (workspace / "runs" / "finance" / "serve" / "state.json").exists()
 
 
+def test_serve_beyond_loopback_needs_a_key_and_arena_logins(workspace, monkeypatch, capsys):
+    from conftest import make_pack
+
+    from serve.__main__ import main
+
+    make_pack(workspace, "finance", PACK)
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.delenv("API_KEY", raising=False)
+    monkeypatch.delenv("ARENA_USERS", raising=False)
+    assert main(["serve", "--domain", "finance", "--detach"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and err.startswith("error: HOST=0.0.0.0 serves beyond this machine, so it "
+                                                       "needs an API key (API_KEY=<key>") and "Traceback" not in err
+    assert "arena logins (ARENA_USERS='name:password,...'" in err and "runs/finance/serve/arena_users" in err
+    assert not (workspace / "runs" / "finance" / "serve" / "api_key").exists()  # no key made up on the way
+
+    monkeypatch.setenv("API_KEY", "sk-chosen")
+    assert main(["serve", "--domain", "finance", "--detach"]) == 2
+    err = capsys.readouterr().err
+    assert "needs arena logins" in err and "API key" not in err
+    serve_dir = workspace / "runs" / "finance" / "serve"
+    (serve_dir / "arena_users").write_text("ada:pw\n")
+    assert main(["serve", "--domain", "finance", "--detach"]) == 2  # past the check: the run has no merge yet
+    assert "make domain=finance merge" in capsys.readouterr().err
+    monkeypatch.delenv("API_KEY")
+    (serve_dir / "api_key").write_text("sk-kept\n")  # a key kept from an earlier run counts as given
+    assert main(["serve", "--domain", "finance", "--detach"]) == 2
+    assert "make domain=finance merge" in capsys.readouterr().err
+    monkeypatch.setenv("HOST", "127.0.0.1")
+    (serve_dir / "arena_users").unlink()
+    (serve_dir / "api_key").unlink()
+    assert main(["serve", "--domain", "finance", "--detach"]) == 2  # loopback: open as before
+    assert "make domain=finance merge" in capsys.readouterr().err
+
+
 def test_api_key_is_generated_once_kept_private_and_api_key_wins(tmp_path, monkeypatch):
     from serve.launch import api_key
 
@@ -201,8 +236,6 @@ def test_detached_serve_answers_as_domain_and_base_and_stop_leaves_nothing(works
     import openai
     from conftest import REPO, build_tiny_model, free_port, make_pack
 
-    from serve.launch import arena_available
-
     make_pack(workspace, "finance", PACK)
     run = workspace / "runs" / "finance"
     build_tiny_model(run / "base" / "model", tokenizer_dir, hidden=256)
@@ -228,7 +261,7 @@ def test_detached_serve_answers_as_domain_and_base_and_stop_leaves_nothing(works
                                                    max_tokens=4)
             assert reply.usage.completion_tokens > 0
         pids = [c["pid"] for c in json.loads((run / "serve" / "state.json").read_text())["children"]]
-        assert len(pids) == (3 if arena_available() else 2)  # tuned, base and the arena once it exists
+        assert len(pids) == 3  # tuned, base and the arena
 
         again = subprocess.run([*cli, "serve", "--domain", "finance", "--detach"], env=env, capture_output=True,
                                text=True, timeout=120)

@@ -25,9 +25,9 @@ def battle(store: Store, prompts: list[str], answers_a: list[str], answers_b: li
     for i, p in enumerate(prompts):
         store.add_turn(bid, i, p)
         store.add_generation(bid, i, "a", models[0], answers_a[i], latency_s=0.5, prompt_tokens=9,
-                             completion_tokens=4)
+                             completion_tokens=4, finish_reason="stop")
         store.add_generation(bid, i, "b", models[1], answers_b[i], latency_s=0.4, prompt_tokens=9,
-                             completion_tokens=3)
+                             completion_tokens=3, finish_reason="stop")
     return bid
 
 
@@ -87,8 +87,8 @@ def test_concurrent_writers_lose_no_vote(tmp_path):
 def test_voted_battles_use_the_latest_regeneration(tmp_path):
     store = Store(tmp_path / "arena.sqlite")
     bid = battle(store, ["q1", "q2"], ["a1", "a2"], ["b1", "b2"])
-    store.add_generation(bid, 1, "a", "fin", "a2 regenerated", attempt=1)
-    store.add_generation(bid, 1, "b", "fin-base", "b2 regenerated", attempt=1)
+    store.add_generation(bid, 1, "a", "fin", "a2 regenerated", attempt=1, finish_reason="stop")
+    store.add_generation(bid, 1, "b", "fin-base", "b2 regenerated", attempt=1, finish_reason="stop")
     unvoted = battle(store, ["q"], ["a"], ["b"])
     store.vote(bid, "tie", "bo")
     [b] = store.voted_battles()
@@ -200,3 +200,70 @@ def test_exported_pairs_train_through_the_pref_stage(workspace, tiny_model_dir, 
     assert (workspace / "runs" / "fin" / "pref" / "model" / "model.safetensors").is_file()
     pairs = [json.loads(line) for line in (workspace / "runs" / "fin" / "votes" / "pairs.jsonl").open()]
     assert all(p["chosen"].startswith("Bond") and p["rejected"] == "yes totally safe" for p in pairs)
+
+
+def test_a_vote_needs_complete_non_empty_answers_on_both_sides(tmp_path):
+    store = Store(tmp_path / "arena.sqlite")
+    with pytest.raises(VoteError, match="no prompt yet"):
+        store.vote(store.new_battle("fin", "fin-base"), "tie", "ada")
+    for a, b, why in [("   \n", "fine", "A's answer to turn 1 is empty"),
+                      ("fine", "", "B's answer to turn 1 is empty")]:
+        with pytest.raises(VoteError, match=why):
+            store.vote(battle(store, ["q"], [a], [b]), "model_a", "ada")
+    failed = battle(store, ["q"], ["ok"], ["ok too"])
+    store.add_generation(failed, 0, "b", "fin-base", "half an ans", attempt=1, error="connection dropped")
+    with pytest.raises(VoteError, match="B's answer to turn 1 did not complete"):
+        store.vote(failed, "model_a", "ada")
+    cut = battle(store, ["q"], ["ok"], ["ok too"])
+    store.add_generation(cut, 0, "a", "fin", "no finish reason", attempt=1)
+    with pytest.raises(VoteError, match="A's answer to turn 1 did not complete"):
+        store.vote(cut, "model_a", "ada")
+    missing = store.new_battle("fin", "fin-base")
+    store.add_turn(missing, 0, "q")
+    store.add_generation(missing, 0, "a", "fin", "only one side", finish_reason="stop")
+    with pytest.raises(VoteError, match="B's answer to turn 1 did not complete"):
+        store.vote(missing, "tie", "ada")
+    store.add_generation(failed, 0, "b", "fin-base", "regenerated", attempt=2, finish_reason="length")
+    store.vote(failed, "model_a", "ada")  # the latest attempt is the one that counts
+    assert store.count_votes() == 1
+
+
+def test_vote_cap_and_rate_limit_per_rater(tmp_path, monkeypatch):
+    path = tmp_path / "arena.sqlite"
+    store = Store(path, max_votes_per_rater=2, min_seconds_between_votes=30)
+    now = [1000.0]
+    monkeypatch.setattr(votes.time, "time", lambda: now[0])
+    store.vote(battle(store, ["q1"], ["a"], ["b"]), "model_a", "ada")
+    with pytest.raises(VoteError, match="at most one per 30 s.*try again in 30.0 s"):
+        store.vote(battle(store, ["q2"], ["a"], ["b"]), "model_a", "ada")
+    store.vote(battle(store, ["q3"], ["a"], ["b"]), "model_b", "bo")  # another rater is not held up
+    now[0] += 31
+    store.vote(battle(store, ["q4"], ["a"], ["b"]), "tie", "ada")
+    now[0] += 31
+    with pytest.raises(VoteError, match="ada has cast 2 votes, this arena's cap per rater"):
+        Store(path, max_votes_per_rater=2).vote(battle(store, ["q5"], ["a"], ["b"]), "tie", "ada")
+    assert store.count_votes() == 3
+    assert Store(path).vote(battle(store, ["q6"], ["a"], ["b"]), "tie", "ada") is None  # no limits: no cap
+
+
+def test_export_skips_and_counts_unusable_pairs(workspace, capsys):
+    make_pack(workspace, "fin", "name: fin\n")
+    store = Store(votes.db_path("fin"))
+    good = battle(store, ["q"], ["careful answer"], ["sloppy"])
+    store.vote(good, "model_a", "ada")
+    same = battle(store, ["q"], ["same"], ["same"])
+    store.vote(same, "model_b", "ada")
+    # votes from before the store checked answers: write them as an older arena did
+    blank, errored = battle(store, ["q"], ["  "], ["text"]), battle(store, ["q"], ["x"], ["y"])
+    store.add_generation(errored, 0, "a", "fin", "x", attempt=1, error="timeout")
+    con = sqlite3.connect(store.path)
+    con.executemany("INSERT INTO votes VALUES (?, 'model_b', 'old', 1.0)", [(blank,), (errored,)])
+    con.commit()
+    con.close()
+
+    assert votes.main(["export", "--domain", "fin"]) == 0
+    out = capsys.readouterr().out
+    assert ("1 preference pairs (decisive votes) (3 skipped: 1 errored generation, 1 empty answer, "
+            "1 identical answers)") in out
+    pairs = (workspace / "runs" / "fin" / "votes" / "pairs.jsonl").read_text().splitlines()
+    assert [json.loads(p)["battle_id"] for p in pairs] == [good]
