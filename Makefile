@@ -100,7 +100,7 @@ stop: setup
 # Arena votes -> runs/<domain>/votes/battles.jsonl and pairs.jsonl (decisive votes as prompt/chosen/rejected);
 # prints the pref.datasets entry that makes the next `make all` train on them.
 export-votes: setup
-	@$(ENV) $(PY) -m core.votes export --domain $(call quote,$(DOMAIN))
+	@$(ENV) $(PY) -m core.pairs export --domain $(call quote,$(DOMAIN))
 
 # TensorBoard over runs/<domain>: each training stage's event files are in runs/<domain>/<stage>/tensorboard.
 tensorboard: setup

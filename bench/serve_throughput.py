@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.streams.split(",")]
 
     from core.layout import model_dir
-    from serve.launch import on_cuda, serve_dtype, start_vllm, stop, wait_ready
+    from serve.engine import on_cuda, serve_dtype, start_vllm, stop, wait_ready
 
     try:
         pack = load_pack(args.domain, args.overrides)

@@ -1,6 +1,6 @@
 """Win-rate statistics for the arena leaderboard: is the tuned model preferred over the base model?
 
-Pure numpy/scipy so the leaderboard (and `python -m core.votes`) import fast. Conventions, after Chatbot
+Pure numpy/scipy so the leaderboard (and `python -m core.pairs summary`) import fast. Conventions, after Chatbot
 Arena (FastChat) and AlpacaEval:
 
 - an outcome is the tuned model's score in one battle: 1 win, 0 loss, 0.5 tie or "both bad";

@@ -200,7 +200,7 @@ def vllm_server(tmp_path_factory, tokenizer_dir):
     from types import SimpleNamespace
 
     from core.schema import ServeStage
-    from serve.launch import start_vllm, stop, wait_ready
+    from serve.engine import start_vllm, stop, wait_ready
 
     root = tmp_path_factory.mktemp("vllm")
     # head_dim 64 (4 heads of 64): vLLM's CPU attention kernels do not take the 16 of hidden=64.

@@ -127,7 +127,7 @@ def test_launcher_always_adds_the_key_middleware_outermost():
     from pathlib import Path
 
     from core.schema import ServeStage
-    from serve.launch import vllm_command, vllm_env
+    from serve.engine import vllm_command, vllm_env
 
     for cfg in (ServeStage(), ServeStage(crisis_guard=True)):
         cmd = vllm_command("py", Path("/m"), ["x"], "127.0.0.1", 8000, cfg, cuda=False)

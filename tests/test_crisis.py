@@ -239,7 +239,7 @@ def test_pack_served_detector_needs_url_and_model(workspace):
     env = crisis.guard_env(pack.serve)
     assert env["CRISIS_DETECTOR"] == "served" and env["CRISIS_GUARD_URL"] == "http://127.0.0.1:8002/v1"
 
-    from serve.launch import vllm_env
+    from serve.engine import vllm_env
 
     assert vllm_env("k", pack.serve, cuda=False)["CRISIS_GUARD_MODEL"] == "meta-llama/Llama-Guard-3-1B"
 
@@ -442,7 +442,7 @@ def test_real_vllm_server_with_the_middleware(tmp_path, tokenizer_dir):
     from conftest import build_tiny_model
 
     from core.schema import ServeStage
-    from serve.launch import start_vllm, stop, wait_ready
+    from serve.engine import start_vllm, stop, wait_ready
 
     model = build_tiny_model(tmp_path / "model", tokenizer_dir, hidden=256)
     cfg = ServeStage(max_model_len=512, kv_cache_gib=1, dtype="bfloat16", crisis_guard=True, crisis_locale="UK")

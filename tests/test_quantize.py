@@ -111,7 +111,7 @@ def test_int8_copies_are_compressed_tensors_made_once_and_vllm_serves_them(works
 
     from core.pack import load_pack
     from core.schema import ServeStage
-    from serve.launch import start_vllm, stop, wait_ready
+    from serve.engine import start_vllm, stop, wait_ready
     from serve.quantize import served_copies
 
     make_pack(workspace, "finance", PACK, {"data/sft.jsonl": CHATS, "data/eval/text.jsonl": TEXTS})

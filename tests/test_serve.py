@@ -203,7 +203,7 @@ def test_vllm_command_per_machine():
     from pathlib import Path
 
     from core.schema import ServeStage
-    from serve.launch import vllm_command, vllm_env
+    from serve.engine import vllm_command, vllm_env
 
     cfg = ServeStage(max_model_len=1024, kv_cache_gib=3, gpu_memory_utilization=0.45, tensor_parallel_size=2)
     cpu = vllm_command("py", Path("/m"), ["finance"], "127.0.0.1", 8000, cfg, cuda=False)

@@ -9,7 +9,7 @@ import threading
 import pytest
 import yaml
 
-from core import votes
+from core import pairs as pairs_cli, votes
 from core.errors import PackError
 from core.pack import load_pack
 from core.rows import load_rows
@@ -118,7 +118,7 @@ def test_export_battles_and_pairs_load_as_a_pref_source(workspace, capsys):
     same = battle(store, ["Same?"], ["Identical."], ["Identical."])
     store.vote(same, "model_b", "cy")  # a decisive vote on identical answers: no preference to learn
 
-    assert votes.main(["export", "--domain", "fin"]) == 0
+    assert pairs_cli.main(["export", "--domain", "fin"]) == 0
     printed = capsys.readouterr().out
     battles_file = workspace / "runs" / "fin" / "votes" / "battles.jsonl"
     pairs_file = workspace / "runs" / "fin" / "votes" / "pairs.jsonl"
@@ -155,7 +155,7 @@ def test_export_battles_and_pairs_load_as_a_pref_source(workspace, capsys):
 
 def test_export_without_votes_is_a_clear_error(workspace, capsys):
     make_pack(workspace, "fin", "name: fin\n")
-    assert votes.main(["export", "--domain", "fin"]) == 2
+    assert pairs_cli.main(["export", "--domain", "fin"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no votes yet for domain 'fin'") and "Traceback" not in err
 
@@ -185,7 +185,7 @@ def test_exported_pairs_train_through_the_pref_stage(workspace, tiny_model_dir, 
         left, right = (careful, careless) if i % 2 else (careless, careful)
         bid = battle(store, [f"Is bond {i} safe?"], [left], [right])
         store.vote(bid, "model_a" if i % 2 else "model_b", "ada")  # the careful answer wins on either side
-    assert votes.main(["export", "--domain", "fin"]) == 0
+    assert pairs_cli.main(["export", "--domain", "fin"]) == 0
     printed = capsys.readouterr().out
     pack_file = workspace / "domains" / "fin" / "pack.yaml"
     text = pack_file.read_text()
@@ -261,7 +261,7 @@ def test_export_skips_and_counts_unusable_pairs(workspace, capsys):
     con.commit()
     con.close()
 
-    assert votes.main(["export", "--domain", "fin"]) == 0
+    assert pairs_cli.main(["export", "--domain", "fin"]) == 0
     out = capsys.readouterr().out
     assert ("1 preference pairs (decisive votes) (3 skipped: 1 errored generation, 1 empty answer, "
             "1 identical answers)") in out
