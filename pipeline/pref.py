@@ -18,6 +18,7 @@ from core.rows import load_rows
 from core.runlog import append_log
 from pipeline import training
 from pipeline.backend import load_model, lora_config, resolve_backend
+from pipeline.distributed import is_main_rank
 
 
 def render_len(tokenizer, messages: list[dict]) -> int:
@@ -66,7 +67,7 @@ def run(ctx) -> dict:
     log_path = ctx.out / "log.jsonl"
     if dropped:
         ctx.log(f"dropped {dropped} of {len(rows)} pairs longer than max_length={section.max_length}")
-    if training.last_checkpoint(ctx) is None:  # a resumed run has this line already
+    if training.last_checkpoint(ctx) is None and is_main_rank():  # a resumed run has this line already
         append_log(log_path, {"step": 0, "dropped_too_long": dropped, "pairs": len(pairs)})
     train_pairs, eval_pairs = training.split_rows(pairs, section.eval_fraction, section.seed)
     tokens_per_epoch = round(tokens_all * len(train_pairs) / len(pairs))

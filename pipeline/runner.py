@@ -34,6 +34,7 @@ from core.layout import model_dir, read_stage
 from core.rows import EVAL_KIND, file_digest, source_file
 from core.schema import Pack
 from core.stages import TRAIN_STAGES
+from pipeline import distributed
 from pipeline.base import base_identity
 
 SEARCH_DATA = ("sft", "text")  # merge/search.py scores candidates on eval.sft, else eval.text
@@ -98,7 +99,21 @@ def stage_data_files(pack: Pack, stage: str) -> list[Path]:
     return [f for f in files if f is not None]
 
 
-def fingerprint(pack: Pack, stage: str, run_dir: Path) -> tuple[str, dict]:
+def batch_view(config: dict, stage: str, world_size: int) -> dict:
+    """The config as the fingerprint sees it: a training stage's result depends on its global batch (per-device
+    batch x gradient accumulation x processes), not on how that is split, so the split is hashed as one process
+    with no accumulation. NPROC=2 with per_device_train_batch_size=2 is the same stage as one process with 4;
+    a one-process run without accumulation keeps the fingerprint it had before scale-out existed."""
+    if stage not in TRAIN_STAGES or config is None:
+        return config
+    section = dict(config[stage])
+    section["per_device_train_batch_size"] = (section["per_device_train_batch_size"] * world_size
+                                              * section["gradient_accumulation_steps"])
+    section["gradient_accumulation_steps"] = 1
+    return {**config, stage: section}
+
+
+def fingerprint(pack: Pack, stage: str, run_dir: Path, world_size: int | None = None) -> tuple[str, dict]:
     upstream = {}
     for up in stages.upstream(stage):
         info = read_stage(run_dir, up)
@@ -113,7 +128,9 @@ def fingerprint(pack: Pack, stage: str, run_dir: Path) -> tuple[str, dict]:
               "data": data if enabled else {}, "upstream": upstream}
     if stage == "base":  # the same base.model can name a changed model (a re-exported folder, a new revision)
         inputs["model"] = base_identity(pack.base.model, pack.dir)
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    world_size = distributed.topology().world_size if world_size is None else world_size
+    hashed = {**inputs, "config": batch_view(inputs["config"], stage, world_size)}
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return digest, inputs
 
 
@@ -150,9 +167,12 @@ def _publish(work: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dict:
-    """Run one stage if its fingerprint changed (or force); return its stage.json content."""
-    fp, inputs = fingerprint(pack, stage, run_dir)
+def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
+              topo: distributed.Topology | None = None) -> dict:
+    """Run one stage if its fingerprint changed (or force); return its stage.json content. A training stage
+    with NPROC x NNODES > 1 runs under `accelerate launch` (pipeline/distributed.py); this process publishes."""
+    topo = topo or distributed.topology()
+    fp, inputs = fingerprint(pack, stage, run_dir, topo.world_size)
     current = read_stage(run_dir, stage)
     if current and current.get("fingerprint") == fp and not force:
         log(stage, f"up to date (fingerprint {fp}), skipped; FORCE=1 reruns it")
@@ -179,12 +199,16 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dic
         module = importlib.import_module(stages.BY_NAME[stage].module)
         ctx = StageContext(pack=pack, stage=stage, run_dir=run_dir, out=work, fingerprint=fp,
                            log=lambda m: log(stage, m))
-        metrics = module.run(ctx) or {}
-        model = "model" if (work / "model").is_dir() else None
         extra = {}
+        if stage in TRAIN_STAGES:
+            metrics = _train(ctx, module, topo)
+            extra["distributed"] = _scale_summary(pack, stage, topo, metrics)
+        else:
+            metrics = module.run(ctx) or {}
+        model = "model" if (work / "model").is_dir() else None
         if inputs.get("model") == {"hub_revision": None}:
             # a hub model this run downloaded: record the revision it got, or the next run sees a new one
-            fp, inputs = fingerprint(pack, stage, run_dir)
+            fp, inputs = fingerprint(pack, stage, run_dir, topo.world_size)
     wall = time.time() - start
     info = {
         "stage": stage,
@@ -205,6 +229,82 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dic
     _publish(work, layout.stage_dir(run_dir, stage))
     log(stage, f"done in {wall:.1f}s -> {show_path(layout.stage_dir(run_dir, stage))}")
     return info
+
+
+def _train(ctx: StageContext, module, topo: distributed.Topology) -> dict:
+    """A training stage in this process, or under `accelerate launch` when NPROC x NNODES > 1."""
+    from pipeline.backend import cuda_available
+    from pipeline.training import last_checkpoint
+
+    checkpoints = ctx.out / "checkpoints"
+    last_checkpoint(ctx)  # a checkpoint a kill cut short is deleted here, before any rank looks
+    distributed.check_resume_world(ctx.pack, topo, checkpoints, ctx.stage)
+    distributed.record_world(ctx.pack, topo, checkpoints)
+    if topo.world_size == 1:
+        return module.run(ctx) or {}
+    return distributed.launch_stage(ctx, topo, cuda_available())
+
+
+def run_one_rank(spec_path: str) -> None:
+    """`python -m pipeline stage --spec FILE`, what each rank of a launched stage runs (pipeline/distributed.py):
+    the stage module on the runner's StageContext. Global rank 0 alone logs and hands its metrics back; a rank
+    that fails leaves its error beside the spec for the runner to report."""
+    import traceback
+
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        pack = Pack.model_validate(spec["pack"])
+        pack._dir = Path(spec["pack_dir"])
+        stage = spec["stage"]
+        ctx = StageContext(pack=pack, stage=stage, run_dir=Path(spec["run_dir"]), out=Path(spec["out"]),
+                           fingerprint=spec["fingerprint"],
+                           log=(lambda m: log(stage, m)) if rank == 0 else (lambda m: None))
+        metrics = importlib.import_module(stages.BY_NAME[stage].module).run(ctx) or {}
+    except BaseException as e:
+        text = e.render().removeprefix("error: ") if isinstance(e, PackError) else traceback.format_exc(limit=-8)
+        (Path(spec_path).parent / f"error-rank{rank}.txt").write_text(text)
+        raise
+    if rank == 0:
+        tmp = ctx.out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, default=float))
+        os.replace(tmp, ctx.out / distributed.METRICS_FILE)
+
+
+def _scale_summary(pack: Pack, stage: str, topo: distributed.Topology, metrics: dict) -> dict:
+    section = getattr(pack, stage)
+    per_device = section.per_device_train_batch_size
+    total = metrics.get("tokens_per_s")
+    return {"world_size": topo.world_size, "nodes": topo.nnodes, "processes_per_node": topo.nproc,
+            "strategy": pack.distributed.strategy if topo.world_size > 1 else "single",
+            "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": section.gradient_accumulation_steps,
+            "global_batch_size": per_device * section.gradient_accumulation_steps * topo.world_size,
+            "tokens_per_s": total,
+            "tokens_per_s_per_device": round(total / topo.world_size, 1) if total is not None else None}
+
+
+def run_worker_node(pack: Pack, order, run_dir: Path, topo: distributed.Topology, forced: set) -> list[dict]:
+    """NODE_RANK > 0: join the launch of every training stage node 0 runs; node 0 alone builds and publishes.
+    No lock: node 0 holds it, and this node writes nothing under runs/ itself."""
+    from pipeline.backend import cuda_available
+
+    done = []
+    for stage in order:
+        if stage not in TRAIN_STAGES or not getattr(pack, stage).enabled:
+            continue
+        distributed.wait_for_upstream(pack, stage, run_dir, fingerprint, lambda m: log(stage, m))
+        fp, _ = fingerprint(pack, stage, run_dir, topo.world_size)
+        current = read_stage(run_dir, stage)
+        if current and current.get("fingerprint") == fp and stage not in forced:
+            log(stage, f"up to date (fingerprint {fp}), skipped")
+            continue
+        log(stage, f"node {topo.node_rank}: joining the stage's launch (fingerprint {fp})")
+        ctx = StageContext(pack=pack, stage=stage, run_dir=run_dir, out=layout.work_dir(run_dir, stage),
+                           fingerprint=fp, log=lambda m: log(stage, m))
+        distributed.launch_stage(ctx, topo, cuda_available())
+        done.append({"stage": stage, "fingerprint": fp, "node_rank": topo.node_rank})
+    return done
 
 
 class RunLock:
@@ -240,5 +340,8 @@ def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = Non
     from pipeline.backend import import_unsloth_first
 
     import_unsloth_first([getattr(pack, s) for s in order if s in stages.TRAIN_STAGES])
+    topo = distributed.topology()
+    if topo.node_rank > 0:
+        return run_worker_node(pack, order, run_dir, topo, forced)
     with RunLock(run_dir):
-        return [run_stage(pack, s, run_dir, force=s in forced) for s in order]
+        return [run_stage(pack, s, run_dir, force=s in forced, topo=topo) for s in order]

@@ -28,6 +28,7 @@ from core.errors import PackError
 from core.runlog import append_log, plot_logs, read_log
 from core.schema import TrainStage
 from pipeline.backend import cuda_available
+from pipeline.distributed import is_main_rank
 
 ARGS_COMMON = dict(report_to="none", save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
                    disable_tqdm=False, dataloader_pin_memory=False)
@@ -96,7 +97,7 @@ def log_callback(path: Path, extra_keys=()):
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
+            if not logs or not state.is_world_process_zero:  # every rank logs; one line per event
                 return
             row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
             if "learning_rate" in row:
@@ -139,6 +140,7 @@ def train(trainer, ctx) -> dict:
     if resume:
         resumed_step = int(Path(resume).name.split("-")[-1])
         ctx.log(f"resuming from {Path(resume).name} (a previous run of this stage was interrupted)")
+    if resume and is_main_rank():
         # the killed run logged past its last checkpoint; those steps run again, so drop their lines
         kept = [r for r in read_log(log_path) if r.get("step", 0) <= resumed_step and "train_runtime" not in r]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
@@ -167,14 +169,19 @@ def throughput(tokens_per_epoch: int, trained: dict, epoch_before: float) -> dic
 def held_out_loss(model, trainer) -> float | None:
     """Token-weighted mean loss of `model` on the trainer's held-out set (same batches for every model)."""
     import torch
+    from torch.utils.data import DataLoader
 
     if trainer.eval_dataset is None:
         return None
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    # the whole held-out set on every rank: get_eval_dataloader would give each rank its shard, and with FSDP
+    # every rank must run the same forward passes
+    batches = DataLoader(trainer._remove_unused_columns(trainer.eval_dataset, description="evaluation"),
+                         batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
     with torch.no_grad():
-        for batch in trainer.get_eval_dataloader():
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             batch.pop("seq_lengths", None)
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -198,6 +205,8 @@ def base_model_loss(ctx, input_dir: Path, trainer) -> float | None:
         base = ctx.model_dir("base")
     except PackError:
         return None
+    if not is_main_rank():  # a plain model, no collective: rank 0 alone scores it
+        return None
     device = next(trainer.model.parameters()).device
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     loss = held_out_loss(model, trainer)
@@ -216,7 +225,8 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
         metrics["eval_loss_base"] = base_model_loss(ctx, input_dir, trainer)
         if last_checkpoint(ctx) is None:  # before any step the LoRA model equals the input model
             metrics["eval_loss_before"] = held_out_loss(trainer.model, trainer)
-            append_log(log_path, {"step": 0, "heldout_loss": metrics["eval_loss_before"]})
+            if is_main_rank():
+                append_log(log_path, {"step": 0, "heldout_loss": metrics["eval_loss_before"]})
         else:  # resuming: the interrupted run measured it
             metrics["eval_loss_before"] = next((r["heldout_loss"] for r in read_log(log_path)
                                                 if r.get("step") == 0 and "heldout_loss" in r), None)
@@ -228,7 +238,8 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
     metrics.update(throughput(tokens_per_epoch, trained, epoch_before))
     if has_eval:
         metrics["eval_loss"] = held_out_loss(trainer.model, trainer)
-        append_log(log_path, {"step": trained["steps"], "heldout_loss": metrics["eval_loss"]})
+        if is_main_rank():
+            append_log(log_path, {"step": trained["steps"], "heldout_loss": metrics["eval_loss"]})
     metrics.update(steps=trained["steps"], resumed_from_step=trained["resumed_from_step"],
                    train_loss=final_train_value(ctx, "loss"), train_loss_mean=trained["train_loss_mean"],
                    train_runtime_s=round(trained["train_runtime"], 2))
@@ -271,6 +282,10 @@ def save_outputs(trainer, input_dir: Path, ctx, title: str) -> None:
     from transformers import AutoTokenizer
 
     model = trainer.model
+    if trainer.accelerator.num_processes > 1:
+        model = gathered_model(trainer, input_dir)  # every rank takes part; rank 0 alone gets the model
+        if model is None:
+            return
     if isinstance(model, PeftModel):
         model.save_pretrained(ctx.out / "adapter")
         ctx.log("merging the adapter into full weights")
@@ -285,6 +300,26 @@ def save_outputs(trainer, input_dir: Path, ctx, title: str) -> None:
         shutil.copy(gen, ctx.out / "model" / "generation_config.json")
     plot_logs({title: read_log(ctx.out / "log.jsonl")}, ctx.out / "loss.png")
     shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)
+
+
+def gathered_model(trainer, input_dir: Path):
+    """Several processes: the trained weights gathered whole (FSDP and ZeRO-3 shards included; a collective, so
+    every rank calls it) into a fresh copy of the model on rank 0, which returns it; other ranks get None."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    accelerator = trainer.accelerator
+    state = accelerator.get_state_dict(trainer.deepspeed or trainer.model_wrapped)
+    if not accelerator.is_main_process:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(input_dir, dtype=next(iter(state.values())).dtype)
+    if isinstance(trainer.model, PeftModel):
+        model = get_peft_model(model, trainer.model.peft_config["default"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and model.config.get_text_config().tie_word_embeddings}
+    assert not unexpected and set(missing) == tied, (missing[:5], unexpected[:5])
+    model.tie_weights()
+    return model
 
 
 def trainable_summary(model) -> dict:
