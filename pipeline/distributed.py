@@ -5,10 +5,9 @@
 
 The runner stays one process per node: it decides fingerprints, holds the lock and publishes. For a training
 stage with NPROC x NNODES > 1 it writes the Accelerate config (and a DeepSpeed JSON) generated from the pack's
-`distributed` section into the stage's work folder, then runs `accelerate launch ... -m pipeline stage <name>`:
-every rank builds the same StageContext from a spec file (runner.run_one_rank) and runs the stage module;
-global rank 0 alone logs,
-writes log.jsonl, saves the outputs and hands its metrics back in `.metrics.json`. A rank that fails writes its
+`distributed` section into the stage's work folder, then runs `accelerate launch ... -m pipeline stage --spec <file>`:
+every rank builds the same StageContext from a spec file (runner.run_one_rank) and runs the stage module; global
+rank 0 alone logs, writes log.jsonl, saves the outputs and hands its metrics back in `.metrics.json`. A rank that fails writes its
 error to the spec folder; the launcher stops the others and the runner raises that rank's error, so nothing
 is published and the same command resumes from the newest checkpoint.
 
