@@ -208,9 +208,15 @@ def base_model_loss(ctx, input_dir: Path, trainer) -> float | None:
     if not is_main_rank():  # a plain model, no collective: rank 0 alone scores it
         return None
     device = next(trainer.model.parameters()).device
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
+    # on a GPU in the dtype training computes in: a 7B base in float32 (30 GB) beside a QLoRA model would not fit
+    dtype = torch.float32
+    if cuda_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
     loss = held_out_loss(model, trainer)
     del model
+    if cuda_available():
+        torch.cuda.empty_cache()
     return loss
 
 
