@@ -248,3 +248,53 @@ def test_the_fingerprint_sees_the_global_batch(toy):
     assert fp(1) == fp(2, ["sft.per_device_train_batch_size=2"]) == fp(4, ["sft.per_device_train_batch_size=1"])
     assert fp(1) == fp(1, ["sft.per_device_train_batch_size=2", "sft.gradient_accumulation_steps=2"])
     assert fp(1) != fp(2)  # 8 conversations a step instead of 4
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes(workspace, tiny_model_dir):
+    pairs = [{"prompt": f"Is bond {i} safe?", "chosen": f"Bond {i} carries credit risk; check its rating.",
+              "rejected": "yes totally safe"} for i in range(12)]
+    make_pack(workspace, "toy", PACK.format(model=tiny_model_dir, steps=4, save=2).replace(
+        "pref: {enabled: false}", "pref: {datasets: [{path: data/pref.jsonl, licence: permissive}], max_steps: 3, "
+        "learning_rate: 1.0e-3, per_device_train_batch_size: 2, eval_fraction: 0.25, max_length: 128}"),
+        {"data/sft.jsonl": CONVS, "data/pref.jsonl": pairs})
+    run_dir = workspace / "runs" / "toy"
+    finish(pipeline("run", "pref", "--domain", "toy", "sft.per_device_train_batch_size=2", env=scale()))
+    info = stage_json(run_dir, "pref")
+    assert info["distributed"]["world_size"] == 2 and info["distributed"]["global_batch_size"] == 4
+    assert info["metrics"]["rewards/margins"] > 0 and "eval_rewards/accuracies" in info["metrics"]
+    assert (run_dir / "pref" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resuming_sharded_checkpoints_needs_the_same_layout(toy, tmp_path):
+    from core.errors import PackError
+
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "checkpoint-4").mkdir(parents=True)
+    two, one = distributed.Topology(nproc=2), distributed.Topology()
+    ddp, fsdp = load_pack("toy"), load_pack("toy", ["distributed.strategy=fsdp"])
+    distributed.record_world(ddp, two, checkpoints)
+    distributed.check_resume_world(ddp, one, checkpoints, "sft")  # DDP checkpoints hold everything: fine
+    distributed.record_world(fsdp, two, checkpoints)
+    distributed.check_resume_world(fsdp, two, checkpoints, "sft")  # the same layout: fine
+    with pytest.raises(PackError, match=r"written by 2 process\(es\) with strategy fsdp.*NPROC x NNODES = 2"):
+        distributed.check_resume_world(ddp, one, checkpoints, "sft")
+
+
+@pytest.mark.slow
+def test_a_one_process_run_resumes_on_two(workspace, tiny_model_dir):
+    """Killed with 1 process x 4, rerun with 2 x 2: the same global batch, so the same fingerprint, and DDP resumes
+    from the one-process checkpoint."""
+    make_pack(workspace, "toy", PACK.format(model=tiny_model_dir, steps=24, save=4), {"data/sft.jsonl": CONVS})
+    run_dir = workspace / "runs" / "toy"
+    proc = pipeline("run", "sft", "--domain", "toy")
+    deadline = time.time() + 300
+    while not (run_dir / ".work" / "sft" / "checkpoints" / "checkpoint-8").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    out = finish(pipeline("run", "sft", "--domain", "toy", "sft.per_device_train_batch_size=2", env=scale()))
+    info = stage_json(run_dir)
+    assert "resuming from checkpoint-" in out and info["metrics"]["resumed_from_step"] in (4, 8)
+    assert info["metrics"]["steps"] == 24 and info["distributed"]["world_size"] == 2
