@@ -5,6 +5,7 @@
 #   make domain=finance sft sft.learning_rate=1e-4  any pack key can be overridden as key.path=value
 #   make domain=finance sft FORCE=1               rerun a stage even when it is up to date
 #   make domain=finance tensorboard               the training curves of every stage (tracking=none: no curves)
+#   make domain=finance sft NPROC=8               training stages on 8 processes (accelerate launch; NNODES=...)
 #   make test                                     the whole test suite, CPU only, offline
 #   make check                                    the fast tests (no vLLM, browser or full training), < 2 minutes
 #   make domain=finance clean                     delete runs/finance but the arena's votes (VOTES=1: those too)
@@ -21,11 +22,14 @@ define newline
 
 
 endef
+# Scale-out of the training stages (pipeline/distributed.py runs them under `accelerate launch`): processes per
+# node, nodes, this node's rank, and node 0's address and port.
+SCALE_VARS := NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT
 # make's own options; every other command-line assignment is a pack override (key.path=value).
 MAKE_VARS := domain FORCE DETACH VOTES GPU HOST API_KEY ARENA_USERS PORT BASE_PORT ARENA_PORT OFFLINE PYTHON PY \
-             PYTEST_ARGS RUNS_DIR DOMAINS_DIR
-# Options the programs read from the environment (serve/launch.py, core/layout.py, scripts/setup.sh).
-ENV_VARS := GPU HOST API_KEY ARENA_USERS PORT BASE_PORT ARENA_PORT PYTHON RUNS_DIR DOMAINS_DIR
+             PYTEST_ARGS RUNS_DIR DOMAINS_DIR $(SCALE_VARS)
+# Options the programs read from the environment (serve/launch.py, core/layout.py, scripts/setup.sh, pipeline/).
+ENV_VARS := GPU HOST API_KEY ARENA_USERS PORT BASE_PORT ARENA_PORT PYTHON RUNS_DIR DOMAINS_DIR $(SCALE_VARS)
 COMMAND_LINE := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
 unexport $(COMMAND_LINE)
 # Sorted, so a section (cpt.datasets=[...]) comes before the keys inside it (cpt.datasets.0.path=...).
@@ -63,7 +67,7 @@ STAMP := .venv/.stamp-$(shell sha256sum pyproject.toml scripts/setup.sh | sha256
         test check clean
 
 help:
-	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,/^$$/{/^#/p}' Makefile | sed 's/^# \{0,1\}//'
 	@echo "targets: setup validate show keys base cpt sft pref merge eval report all serve stop export-votes tensorboard test check clean"
 
 setup: $(STAMP)

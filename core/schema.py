@@ -216,6 +216,21 @@ class EvalStage(Strict):
     judge: Judge | None = None
 
 
+class Distributed(Strict):
+    """How the training stages (cpt, sft, pref) run when NPROC x NNODES > 1 (make ... NPROC=8): under
+    `accelerate launch`, with the Accelerate (and DeepSpeed) config generated from these keys into the stage
+    folder. One process (NPROC unset or 1) ignores them."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", description="ddp: a full copy per device; fsdp: FSDP2, parameters, gradients and optimizer state "
+                           "sharded; deepspeed_zero2/3: DeepSpeed ZeRO (needs the deepspeed package)")
+    fsdp_offload: bool = Field(False, description="fsdp / deepspeed_zero3: keep the sharded parameters and optimizer "
+                                                  "state in CPU memory (slower, fits bigger models)")
+    accelerate_config: str | None = Field(None, description="your own Accelerate config file (relative to the pack "
+                                                            "folder) instead of the generated one; NPROC, NNODES, "
+                                                            "NODE_RANK, MASTER_ADDR/PORT still set the topology")
+
+
 class ServeStage(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
@@ -236,6 +251,8 @@ class ServeStage(Strict):
     ready_timeout_s: int = Field(600, gt=0, description="a server not listing its model by then is stopped")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=0.95, description="per server on CUDA")
     tensor_parallel_size: int = Field(1, gt=0)
+    pipeline_parallel_size: int = Field(1, gt=0, description="CUDA: layers split over this many GPUs (or nodes, "
+                                                             "with vLLM's Ray executor); x tensor_parallel_size GPUs")
     temperature: float = Field(0.7, ge=0)
     max_tokens: int = Field(512, gt=0)
     crisis_guard: bool = Field(False, description="fixed crisis-line reply to self-harm risk (arena and API)")
@@ -293,6 +310,7 @@ class Pack(Strict):
     merge: MergeStage = Field(default_factory=MergeStage)
     eval: EvalStage = Field(default_factory=EvalStage)
     serve: ServeStage = Field(default_factory=ServeStage)
+    distributed: Distributed = Field(default_factory=Distributed)
 
     # Set by load_pack, not part of the YAML.
     _dir: Path | None = None

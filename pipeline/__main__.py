@@ -5,6 +5,7 @@
     python -m pipeline run all --domain finance --force
     python -m pipeline show --domain finance data=hub              # the resolved pack as YAML
     python -m pipeline keys                                        # every pack key, its type and default
+    NPROC=2 python -m pipeline run sft --domain finance            # training stages under accelerate launch
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--domain", required=True, help="a folder under domains/, e.g. finance")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="pack overrides")
     sub.add_parser("keys", help="list every pack key with its type, default and meaning")
+    p = sub.add_parser("stage", help="(started by the runner under accelerate launch) one training stage on "
+                                     "this rank, from the runner's spec file")
+    p.add_argument("--spec", required=True, help="the JSON spec the runner wrote (pipeline/distributed.py)")
     # Overrides may follow --domain (as make writes them); argparse leaves those over as unknown.
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
@@ -46,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args) -> None:
+    if args.command == "stage":
+        from pipeline.runner import run_one_rank
+
+        run_one_rank(args.spec)
+        return
     if args.command == "keys":
         from core.overrides import describe
 

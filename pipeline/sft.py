@@ -14,7 +14,7 @@ from __future__ import annotations
 from core.chat import tokenize_conversation, with_system
 from core.errors import PackError
 from core.rows import load_rows
-from pipeline import training
+from pipeline import tracking, training
 from pipeline.backend import load_model, lora_config, resolve_backend
 
 
@@ -63,7 +63,7 @@ def run(ctx) -> dict:
         train_dataset=Dataset.from_list(train_enc),
         eval_dataset=Dataset.from_list(eval_enc) if eval_enc else None,
         peft_config=lora_config(section, backend),
-        callbacks=[training.log_callback(ctx.out / "log.jsonl")],
+        callbacks=[tracking.log_callback(ctx.out / "log.jsonl")],
     )
     metrics = {"backend": backend, "tuning": section.tuning, "train_rows": len(train_enc),
                "eval_rows": len(eval_enc), "truncated": truncated}

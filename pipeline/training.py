@@ -17,10 +17,8 @@ loss.png, and with `tracking: tensorboard` (the default) ctx.out/tensorboard (ev
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -30,6 +28,8 @@ from core.errors import PackError
 from core.runlog import append_log, plot_logs, read_log
 from core.schema import TrainStage
 from pipeline.backend import cuda_available
+from pipeline.distributed import is_main_rank
+from pipeline.tracking import point_tensorboard, tracking
 
 ARGS_COMMON = dict(save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
                    disable_tqdm=False, dataloader_pin_memory=False)
@@ -69,41 +69,6 @@ def training_args(config_cls, section: TrainStage, ctx, **extra):
     )
 
 
-# ------------------------------------------------------------------------------------------ tracking
-
-def tracking(pack, run_dir: Path) -> str:
-    """transformers' report_to for the pack's `tracking`, after checking its package is installed.
-
-    Nothing leaves the machine unless the user says so: W&B runs offline (WANDB_MODE=offline, files under
-    runs/<domain>/wandb; `wandb sync` uploads them) unless WANDB_MODE is set, and MLflow writes to
-    runs/<domain>/mlruns unless MLFLOW_TRACKING_URI is set. TensorBoard's event files go to each stage's
-    own folder (see `train`)."""
-    choice = pack.tracking
-    if choice == "none":
-        return "none"
-    if importlib.util.find_spec(choice) is None:  # each choice is also its package's name
-        raise PackError(f"tracking={choice} needs the {choice} package, which is not installed: "
-                        f".venv/bin/pip install {choice} (or run with tracking=tensorboard or tracking=none)")
-    if choice == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-        os.environ.setdefault("WANDB_PROJECT", pack.name)
-    elif choice == "mlflow":
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", pack.name)
-    return choice
-
-
-def point_tensorboard(trainer, ctx) -> None:
-    """TensorBoard's events in ctx.out/tensorboard, published with the stage (transformers' default is under
-    output_dir, our checkpoints folder, which is deleted once the stage is saved)."""
-    from transformers.integrations import TensorBoardCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback):
-            callback.logging_dir = str(ctx.out / "tensorboard")
-
-
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, held-out) with a fixed shuffle; at least one held-out row when fraction > 0."""
     if fraction <= 0 or len(rows) < 2:
@@ -120,31 +85,6 @@ def check_learning_rate(section: TrainStage, stage: str) -> None:
     # pack.py already rejects <= 0; an override may still sneak in a NaN
     if not section.learning_rate > 0 or math.isinf(section.learning_rate):
         raise PackError(f"{stage}.learning_rate must be a positive number (got {section.learning_rate})")
-
-
-# ------------------------------------------------------------------------------------------ logging
-
-
-def log_callback(path: Path, extra_keys=()):
-    """A TrainerCallback writing one JSON line per log event: step, loss, learning rate, eval loss,
-    and whatever the trainer reports (reward margins and accuracies for the preference stages)."""
-    from transformers import TrainerCallback
-
-    class JsonlLog(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:  # the final loss and rewards are always logged
-                control.should_log = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
-                return
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
-            if "learning_rate" in row:
-                row["lr"] = row["learning_rate"]
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, default=float) + "\n")
-
-    return JsonlLog()
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -179,6 +119,7 @@ def train(trainer, ctx) -> dict:
     if resume:
         resumed_step = int(Path(resume).name.split("-")[-1])
         ctx.log(f"resuming from {Path(resume).name} (a previous run of this stage was interrupted)")
+    if resume and is_main_rank():
         # the killed run logged past its last checkpoint; those steps run again, so drop their lines
         kept = [r for r in read_log(log_path) if r.get("step", 0) <= resumed_step and "train_runtime" not in r]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
@@ -208,14 +149,19 @@ def throughput(tokens_per_epoch: int, trained: dict, epoch_before: float) -> dic
 def held_out_loss(model, trainer) -> float | None:
     """Token-weighted mean loss of `model` on the trainer's held-out set (same batches for every model)."""
     import torch
+    from torch.utils.data import DataLoader
 
     if trainer.eval_dataset is None:
         return None
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    # the whole held-out set on every rank: get_eval_dataloader would give each rank its shard, and with FSDP
+    # every rank must run the same forward passes
+    batches = DataLoader(trainer._remove_unused_columns(trainer.eval_dataset, description="evaluation"),
+                         batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
     with torch.no_grad():
-        for batch in trainer.get_eval_dataloader():
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             batch.pop("seq_lengths", None)
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -239,10 +185,18 @@ def base_model_loss(ctx, input_dir: Path, trainer) -> float | None:
         base = ctx.model_dir("base")
     except PackError:
         return None
+    if not is_main_rank():  # a plain model, no collective: rank 0 alone scores it
+        return None
     device = next(trainer.model.parameters()).device
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
+    # on a GPU in the dtype training computes in: a 7B base in float32 (30 GB) beside a QLoRA model would not fit
+    dtype = torch.float32
+    if cuda_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
     loss = held_out_loss(model, trainer)
     del model
+    if cuda_available():
+        torch.cuda.empty_cache()
     return loss
 
 
@@ -257,7 +211,8 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
         metrics["eval_loss_base"] = base_model_loss(ctx, input_dir, trainer)
         if last_checkpoint(ctx) is None:  # before any step the LoRA model equals the input model
             metrics["eval_loss_before"] = held_out_loss(trainer.model, trainer)
-            append_log(log_path, {"step": 0, "heldout_loss": metrics["eval_loss_before"]})
+            if is_main_rank():
+                append_log(log_path, {"step": 0, "heldout_loss": metrics["eval_loss_before"]})
         else:  # resuming: the interrupted run measured it
             metrics["eval_loss_before"] = next((r["heldout_loss"] for r in read_log(log_path)
                                                 if r.get("step") == 0 and "heldout_loss" in r), None)
@@ -269,7 +224,8 @@ def fit_lm(trainer, ctx, input_dir: Path, title: str) -> dict:
     metrics.update(throughput(tokens_per_epoch, trained, epoch_before))
     if has_eval:
         metrics["eval_loss"] = held_out_loss(trainer.model, trainer)
-        append_log(log_path, {"step": trained["steps"], "heldout_loss": metrics["eval_loss"]})
+        if is_main_rank():
+            append_log(log_path, {"step": trained["steps"], "heldout_loss": metrics["eval_loss"]})
     metrics.update(steps=trained["steps"], resumed_from_step=trained["resumed_from_step"],
                    train_loss=final_train_value(ctx, "loss"), train_loss_mean=trained["train_loss_mean"],
                    train_runtime_s=round(trained["train_runtime"], 2))
@@ -312,6 +268,10 @@ def save_outputs(trainer, input_dir: Path, ctx, title: str) -> None:
     from transformers import AutoTokenizer
 
     model = trainer.model
+    if trainer.accelerator.num_processes > 1:
+        model = gathered_model(trainer, input_dir)  # every rank takes part; rank 0 alone gets the model
+        if model is None:
+            return
     if isinstance(model, PeftModel):
         model.save_pretrained(ctx.out / "adapter")
         ctx.log("merging the adapter into full weights")
@@ -326,6 +286,26 @@ def save_outputs(trainer, input_dir: Path, ctx, title: str) -> None:
         shutil.copy(gen, ctx.out / "model" / "generation_config.json")
     plot_logs({title: read_log(ctx.out / "log.jsonl")}, ctx.out / "loss.png")
     shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)
+
+
+def gathered_model(trainer, input_dir: Path):
+    """Several processes: the trained weights gathered whole (FSDP and ZeRO-3 shards included; a collective, so
+    every rank calls it) into a fresh copy of the model on rank 0, which returns it; other ranks get None."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    accelerator = trainer.accelerator
+    state = accelerator.get_state_dict(trainer.deepspeed or trainer.model_wrapped)
+    if not accelerator.is_main_process:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(input_dir, dtype=next(iter(state.values())).dtype)
+    if isinstance(trainer.model, PeftModel):
+        model = get_peft_model(model, trainer.model.peft_config["default"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and model.config.get_text_config().tie_word_embeddings}
+    assert not unexpected and set(missing) == tied, (missing[:5], unexpected[:5])
+    model.tie_weights()
+    return model
 
 
 def trainable_summary(model) -> dict:

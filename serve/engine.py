@@ -62,7 +62,8 @@ def vllm_command(python: str, model: Path, names: list[str], host: str, port: in
            "--dtype", serve_dtype(serve_cfg.dtype, cuda)]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(serve_cfg.gpu_memory_utilization),
-                "--tensor-parallel-size", str(serve_cfg.tensor_parallel_size)]
+                "--tensor-parallel-size", str(serve_cfg.tensor_parallel_size),
+                "--pipeline-parallel-size", str(serve_cfg.pipeline_parallel_size)]
     elif not getattr(serve_cfg, "compile", False):
         cmd += ["--enforce-eager"]  # no CUDA graphs here, and compiling makes the start minutes longer
     if getattr(serve_cfg, "crisis_guard", False):

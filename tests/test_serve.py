@@ -205,7 +205,8 @@ def test_vllm_command_per_machine():
     from core.schema import ServeStage
     from serve.engine import vllm_command, vllm_env
 
-    cfg = ServeStage(max_model_len=1024, kv_cache_gib=3, gpu_memory_utilization=0.45, tensor_parallel_size=2)
+    cfg = ServeStage(max_model_len=1024, kv_cache_gib=3, gpu_memory_utilization=0.45, tensor_parallel_size=2,
+                     pipeline_parallel_size=3)
     cpu = vllm_command("py", Path("/m"), ["finance"], "127.0.0.1", 8000, cfg, cuda=False)
     assert cpu[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in cpu
     assert cpu[cpu.index("--served-model-name") + 1] == "finance" and "--api-key" not in cpu
@@ -213,6 +214,7 @@ def test_vllm_command_per_machine():
     gpu = vllm_command("py", Path("/m"), ["finance"], "127.0.0.1", 8000, cfg, cuda=True)
     assert "--enforce-eager" not in gpu and gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.45"
     assert gpu[gpu.index("--tensor-parallel-size") + 1] == "2"
+    assert gpu[gpu.index("--pipeline-parallel-size") + 1] == "3" and "--pipeline-parallel-size" not in cpu
     assert vllm_env("k", cfg, cuda=True)["VLLM_API_KEY"] == "k"
     assert gpu[gpu.index("--dtype") + 1] == "auto"  # vLLM takes the model's own dtype on CUDA
     flags = set(Path("/proc/cpuinfo").read_text().split())  # vLLM emulates bfloat16 on CPUs without these

@@ -9,7 +9,8 @@ import threading
 import pytest
 import yaml
 
-from core import pairs as pairs_cli, votes
+from core import pairs as pairs_cli
+from core import votes
 from core.errors import PackError
 from core.pack import load_pack
 from core.rows import load_rows
