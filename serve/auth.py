@@ -15,6 +15,7 @@ refused), API_MAX_REQUEST_BYTES (serve.max_request_bytes, default 8 MiB).
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -34,8 +35,48 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 def key_matches(token: str | None, key: str) -> bool:
-    # compare_digest on bytes: its time does not depend on where the first differing byte is
-    return bool(key) and token is not None and hmac.compare_digest(token.encode(), key.encode())
+    # compare_digest on equal-length digests: its time depends neither on where the first differing byte is
+    # nor on the key's length
+    return bool(key) and token is not None and hmac.compare_digest(hashlib.sha256(token.encode()).digest(),
+                                                                   hashlib.sha256(key.encode()).digest())
+
+
+class BodyTooLarge(Exception):
+    """A request body longer than the limit (by its Content-Length, or counted while reading)."""
+
+
+async def read_body(scope, receive, limit: int) -> bytes | None:
+    """The whole request body (a chunked request has no Content-Length, so it is counted while read), or None
+    when the client went away; BodyTooLarge as soon as it passes `limit`, before anything parses it."""
+    length = next((v for k, v in scope.get("headers") or [] if k.lower() == b"content-length"), None)
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise BodyTooLarge
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise BodyTooLarge
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """A receive channel for the app behind: the body once, then the real channel. That one blocks until the
+    client disconnects, as vLLM's disconnect listener expects; giving the body again would spin the listener
+    and hang every request passed on."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive_again
 
 
 async def _error(send, status: int, message: str, kind: str, code: str) -> None:
@@ -70,31 +111,12 @@ class ApiKeyMiddleware:
 
         too_big = ("Request body larger than this server's limit of "
                    f"{self.max_bytes} bytes (serve.max_request_bytes).")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        try:
+            body = await read_body(scope, receive, self.max_bytes)
+        except BodyTooLarge:
             return await _error(send, 413, too_big, "invalid_request_error", "request_too_large")
-        # Read the whole body here (a chunked request has no Content-Length), then hand it on once.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await _error(send, 413, too_big, "invalid_request_error", "request_too_large")
-            more = message.get("more_body", False)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            # the body once, then the real channel (it blocks until the client disconnects, as vLLM expects)
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
+        if body is not None:
+            return await self.app(scope, replay(body, receive), send)
 
 
 # ------------------------------------------------------------------ beyond loopback: who may connect

@@ -7,14 +7,13 @@ streamed or not, without reaching the model. The decision is serve/crisis.py's G
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import re
 import time
 import uuid
 
+from serve.auth import BodyTooLarge, bearer_token, key_matches, read_body, replay
 from serve.crisis import Guard, _content_text, crisis_text, last_user_text
 from serve.crisis_model import learned_model
 
@@ -67,18 +66,12 @@ class CrisisMiddleware:
         self.app = app
         self.guard = Guard.from_env()
         self.locale = os.environ.get("CRISIS_LOCALE", "US")
-        key = os.environ.get("API_KEY") or os.environ.get("VLLM_API_KEY") or ""
-        self.key_hash = hashlib.sha256(key.encode()).digest() if key else None
+        self.key = os.environ.get("API_KEY") or os.environ.get("VLLM_API_KEY") or ""
         learned_model()  # fail at start-up, not on the first request, when the weights are missing
 
     def authorised(self, scope) -> bool:
-        if self.key_hash is None:
-            return True
-        # the FIRST Authorization header, as starlette's Headers.get (and so vLLM) reads it
-        value = next((v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"), b"")
-        scheme, _, param = value.decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(hashlib.sha256(param.encode()).digest(),
-                                                                  self.key_hash)
+        # the key as vLLM checks it (the first Authorization header, any case of "Bearer"), in constant time
+        return not self.key or key_matches(bearer_token(scope.get("headers") or []), self.key)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -88,45 +81,28 @@ class CrisisMiddleware:
         if shape is None or (path.startswith(GUARDED_PREFIX) and not self.authorised(scope)):
             return await self.app(scope, receive, send)
 
-        headers = {k.lower(): v for k, v in reversed(scope.get("headers") or [])}  # first occurrence wins
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > MAX_BODY:
+        try:
+            body = await read_body(scope, receive, MAX_BODY)
+        except BodyTooLarge:
             return await _too_large(send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > MAX_BODY:
-                return await _too_large(send)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            # the body once; then the real channel, which blocks until the client disconnects. Returning the
-            # body again would spin vLLM's disconnect listener forever and hang every request we pass on.
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if body is None:  # the client went away
+            return
+        passed_on = replay(body, receive)
 
         try:
             request = json.loads(body)
             reply_shape, texts = request_texts(shape, request)
         except (ValueError, AttributeError, TypeError):
-            return await self.app(scope, replay, send)  # not a JSON object: vLLM answers with its 400
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+            return await self.app(scope, passed_on, send)  # not a JSON object: vLLM answers with its 400
+        given = next((v for k, v in scope.get("headers") or [] if k.lower() == b"x-request-id"), b"")  # the first
+        request_id = given.decode("latin-1")[:128] or uuid.uuid4().hex
         route = "/" + path.strip("/")
         if self.guard.detector == "served":  # an HTTP call: off the event loop, which serves every stream
             decision = await asyncio.to_thread(self.guard.check, texts, route, request_id)
         else:
             decision = self.guard.check(texts, route, request_id)
         if not decision.risk:
-            return await self.app(scope, replay, send)
+            return await self.app(scope, passed_on, send)
         payload, content_type = fixed_response(reply_shape, request, crisis_text(self.locale), max(1, len(texts)))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode()),
