@@ -194,7 +194,8 @@ def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
             return _check("pref", row, at)
         kind = "unpaired"
     need = {"text": ["text"], "prompt": ["prompt"], "pref": ["prompt", "chosen", "rejected"],
-            "unpaired": ["prompt", "completion", "label"], "chat": ["instruction", "output"]}[kind]
+            "unpaired": ["prompt", "completion", "label"], "chat": ["instruction", "output"],
+            "mc": ["question", "choices", "answer"]}[kind]
     missing = [k for k in need if k not in row]
     if missing:
         return None, [f"{at}: missing column {', '.join(repr(m) for m in missing)} (present: {', '.join(row)}); "
@@ -211,6 +212,16 @@ def _check(kind: str, row: dict, at: str) -> tuple[dict | None, list[str]]:
         problems = _prompt(row["prompt"]) + _answer(row["completion"], "completion")
         if not isinstance(row["label"], bool):
             problems.append(f"'label' must be true (a good answer) or false (a bad one), got {_kind_of(row['label'])}")
+    elif kind == "mc":  # a benchmark item: lm-evaluation-harness scores each choice after the question
+        problems = _text(row["question"], "question")
+        choices, answer = row["choices"], row["answer"]
+        if not (isinstance(choices, list) and len(choices) == 4
+                and all(isinstance(c, str) and c.strip() for c in choices)):
+            problems.append(f"'choices' must be a list of 4 non-empty strings, got {_kind_of(choices)}")
+        elif len(set(choices)) < 4:
+            problems.append("'choices' has duplicates; the 4 choices must differ")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer <= 3:
+            problems.append(f"'answer' must be the index 0-3 of the right choice, got {answer!r}")
     else:
         problems = _text(row[need[0]], need[0])
     if problems:

@@ -214,6 +214,13 @@ class EvalStage(Strict):
                              "report, judge and arena compare), 'all' every stage's too (slower: generation is most "
                              "of eval's time)")
     judge: Judge | None = None
+    benchmarks: list[Source] | None = Field(
+        None, description="multiple-choice files {question, choices: [4], answer: 0-3} run through "
+                          "lm-evaluation-harness (accuracy ± stderr per model); default the pack's "
+                          "data/eval/mc.jsonl where it ships one, [] none")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness task names run on every model; their data must "
+                                          "already be in the local datasets cache (eval runs offline)")
 
 
 class Distributed(Strict):
@@ -283,6 +290,9 @@ class ServeStage(Strict):
     arena_max_votes_per_rater: int = Field(0, ge=0, description="votes one rater may cast in total; 0: no cap")
     arena_min_seconds_between_votes: float = Field(0.0, ge=0, description="a rater's next vote is refused "
                                                                            "until this many seconds have passed")
+    min_benchmark_delta: float | None = Field(
+        None, description="refuse to serve when the final model's benchmark accuracy is below base's by more than "
+                          "this, e.g. -0.05 (read from the eval stage; a serve key, so changing it re-scores nothing)")
 
 
 class BaseStage(Strict):

@@ -12,6 +12,9 @@ not scored twice):
   the base model as reference;
 - greedy answers to the pack's eval prompts, saved side by side in answers.jsonl (the base and the final
   model; `eval.answers: all` adds every stage's);
+- accuracy (± its standard error) on the pack's multiple-choice benchmark (eval.benchmarks, default
+  data/eval/mc.jsonl) and on any lm-evaluation-harness task the pack names (eval.lm_eval_tasks), run by
+  lm-evaluation-harness itself over a task YAML written here (local json files, so it runs offline);
 - optionally, when the pack names an OpenAI-compatible judge, pairwise verdicts tuned vs base, each pair
   judged twice with the order swapped (a disagreement counts as a tie).
 Results are cached per model fingerprint under runs/<domain>/.cache/eval/, so changing the merge does
@@ -28,12 +31,109 @@ from pathlib import Path
 from core.chat import as_messages, with_system
 from core.errors import PackError
 from core.layout import eval_cache, read_stage
-from core.rows import EVAL_KIND, file_digest, load_rows
+from core.rows import EVAL_KIND, file_digest, load_rows, load_source
 from core.scoring import Scorer, implicit_reward_accuracy, perplexity_from_nll, ranking_metrics
 from core.stages import MODEL_STAGES
 from pipeline.fingerprint import stage_config
 
 GENERAL_TEXT = Path(__file__).parent / "assets" / "general_en.txt"
+DEFAULT_BENCHMARK = "data/eval/mc.jsonl"
+BENCH_TASK = "domain_mc"  # the lm-eval task name of the pack's own benchmark
+# Zero-shot, the usual MMLU-style prompt; each choice is scored by its log-likelihood after "Answer:".
+TASK_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {files}}}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
+"""
+
+
+def benchmark_files(pack) -> list[Path]:
+    """The pack's multiple-choice files: eval.benchmarks, or by default data/eval/mc.jsonl where it ships one."""
+    from core.schema import Source
+
+    sources = pack.eval.benchmarks
+    if sources is None:
+        shipped = (pack.dir / DEFAULT_BENCHMARK).is_file()
+        sources = [Source(path=DEFAULT_BENCHMARK, licence="permissive")] if shipped else []
+    problems = []  # every row checked, file:line, before lm-eval sees it
+    for src in sources:
+        if not src.path or not src.path.endswith(".jsonl"):
+            problems.append(f"eval.benchmarks: {src.path or src.hub!r} must be a local .jsonl file "
+                            "(lm-evaluation-harness reads it offline)")
+            continue
+        problems += load_source(src, pack.dir, "mc")[1]
+    if problems:
+        raise PackError(problems, "eval.benchmarks has problems")
+    return [pack.dir / s.path for s in sources]
+
+
+def write_tasks(pack, task_dir: Path, cache_dir: Path) -> tuple[list[str], object]:
+    """The lm-eval task names to run, the pack's benchmark (a YAML written into task_dir) and eval.lm_eval_tasks,
+    each checked to exist before any model loads (PackError naming the unknown ones); and the lm-eval
+    TaskManager that finds them (None when there are none)."""
+    tasks = []
+    files = benchmark_files(pack)
+    if files:
+        task_dir.mkdir(parents=True, exist_ok=True)
+        (task_dir / f"{BENCH_TASK}.yaml").write_text(TASK_YAML.format(
+            task=BENCH_TASK, files=json.dumps([str(f.resolve()) for f in files]), cache=json.dumps(str(cache_dir))))
+        tasks.append(BENCH_TASK)
+    if not files and not pack.eval.lm_eval_tasks:
+        return [], None
+    from lm_eval.tasks import TaskManager
+
+    # lm-eval's own tasks are indexed (~30 s, thousands of YAMLs) only when the pack names some
+    manager = TaskManager(include_path=str(task_dir) if files else None,
+                          include_defaults=bool(pack.eval.lm_eval_tasks))
+    if pack.eval.lm_eval_tasks:
+        known = set(manager.all_tasks)
+        unknown = [t for t in pack.eval.lm_eval_tasks if t not in known]
+        if unknown:
+            import difflib
+
+            hints = [f"{t!r}" + (f" (did you mean {', '.join(difflib.get_close_matches(t, known, 2))}?)"
+                                 if difflib.get_close_matches(t, known, 2) else "") for t in unknown]
+            raise PackError(f"eval.lm_eval_tasks: no lm-evaluation-harness task named {', '.join(hints)}; "
+                            "`lm_eval ls tasks` lists them")
+        tasks += pack.eval.lm_eval_tasks
+    return tasks, manager
+
+
+def run_benchmarks(model_dir: Path, tasks: list[str], manager) -> dict:
+    """benchmark_acc/_stderr/_norm for the pack's benchmark, lm_eval/<task>_acc/_stderr for the others."""
+    import lm_eval
+
+    metrics = {}
+    for task in tasks:  # one at a time, so the task that cannot load is the one named
+        try:
+            out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
+                                          tasks=[task], task_manager=manager,
+                                          batch_size=8, device="cuda" if _cuda() else "cpu")
+        except Exception as e:  # a dataset not in the offline cache, a broken task YAML
+            raise PackError(f"lm-evaluation-harness task {task!r} could not run: {type(e).__name__}: {e}") from e
+        r = out["results"][task]
+        prefix = "benchmark" if task == BENCH_TASK else f"lm_eval/{task}"
+        metrics[f"{prefix}_acc"] = r["acc,none"]
+        metrics[f"{prefix}_acc_stderr"] = r["acc_stderr,none"]
+        if "acc_norm,none" in r:
+            metrics[f"{prefix}_acc_norm"] = r["acc_norm,none"]
+    return metrics
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def eval_data(pack) -> dict:
@@ -79,6 +179,7 @@ def score_model(model_dir: Path, pack, data: dict, ref_pairs: list | None, log,
 def _eval_key(pack, ctx) -> str:
     files = {str(p): file_digest(p) for key in EVAL_KIND for s in getattr(pack.eval, key) if s.path
              for p in [pack.dir / s.path] if p.is_file()}
+    files.update({str(p): file_digest(p) for p in benchmark_files(pack)})
     files["general"] = file_digest(GENERAL_TEXT)
     blob = json.dumps({"config": stage_config(pack, "eval"), "files": files, "beta": pack.pref.beta},
                       sort_keys=True, default=str)
@@ -91,6 +192,8 @@ def run(ctx) -> dict:
     key = _eval_key(pack, ctx)
     cache = eval_cache(ctx.run_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    task_dir = cache / "lm_eval_tasks"
+    tasks, manager = write_tasks(pack, task_dir, cache / "datasets")
 
     models, seen = {}, set()
     for stage in MODEL_STAGES:
@@ -108,15 +211,22 @@ def run(ctx) -> dict:
     results, answers, ref_pairs = {}, {}, None
     final = list(models)[-1]
     for stage, (path, fp) in models.items():
+        # greedy answers and benchmarks (minutes a model on a CPU) for the base and the final model, as the
+        # report, judge and arena compare them; eval.answers: all asks for every stage's
         answer = pack.eval.answers == "all" or stage in ("base", final)
         cached = cache / f"{stage}-{fp}-{key}.json"
         entry = json.loads(cached.read_text()) if cached.is_file() else None
-        if entry and (entry["answers"] or not answer or not data["prompts"]):
+        benched = not (tasks and answer) or (entry and any(k.startswith(("benchmark", "lm_eval/"))
+                                                           for k in entry["metrics"]))
+        if entry and (entry["answers"] or not answer or not data["prompts"]) and benched:
             ctx.log(f"{stage}: cached scores (model fingerprint {fp})")
         else:  # not scored yet, or scored without answers while it was not the final model
             ctx.log(f"{stage}: scoring {path}")
             metrics, pairs, gen = score_model(path, pack, data, None if stage == "base" else ref_pairs, ctx.log,
                                               answer)
+            if tasks and answer:
+                ctx.log(f"  lm-evaluation-harness: {', '.join(tasks)}")
+                metrics.update(run_benchmarks(path, tasks, manager))
             entry = {"metrics": metrics, "pairs": pairs, "answers": gen}
             tmp = cached.with_suffix(".tmp")
             tmp.write_text(json.dumps(entry))

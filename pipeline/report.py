@@ -29,6 +29,7 @@ METRICS = {
     "pref_margin": ("preference margin (nats/token)", False),
     "reward_accuracy": ("DPO implicit-reward accuracy vs base", False),
     "reward_margin": ("DPO implicit-reward margin", False),
+    "benchmark_acc": ("benchmark accuracy (± stderr)", False),
 }
 
 
@@ -58,13 +59,18 @@ def metric_rows(metrics: dict) -> list[list[str]]:
     models = list(metrics)
     base = metrics.get("base", {})
     rows = []
-    for key, (label, lower) in METRICS.items():
+    # each lm-eval task the pack names is a row of its own, after the pack's benchmark
+    tasks = sorted({k[:-4] for m in metrics.values() for k in m if k.startswith("lm_eval/") and k.endswith("_acc")})
+    labels = METRICS | {f"{t}_acc": (f"{t.removeprefix('lm_eval/')} accuracy (± stderr)", False) for t in tasks}
+    for key, (label, lower) in labels.items():
         if not any(key in m for m in metrics.values()):
             continue
         row = [label + (" ↓" if lower else " ↑")]
         for model in models:
             value = metrics[model].get(key)
             cell = fmt(value)
+            if value is not None and metrics[model].get(f"{key}_stderr") is not None:
+                cell += f" ± {metrics[model][key + '_stderr']:.2g}"
             if model != "base" and value is not None and base.get(key) is not None:
                 delta = value - base[key]
                 cell += f" ({'+' if delta >= 0 else ''}{delta:.3g})"

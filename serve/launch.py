@@ -96,6 +96,26 @@ def check_port_free(host: str, port: int, what: str, fix: str) -> None:
                             f"(`make stop` if it is an earlier serve) or choose another port with {fix}")
 
 
+def check_benchmark_gate(pack: Pack, run_dir: Path) -> str | None:
+    """serve.min_benchmark_delta: PackError when the final model's benchmark accuracy is below base by more than
+    the margin (from the eval stage's stage.json); the line to print when it passes; None when not asked for."""
+    margin = pack.serve.min_benchmark_delta
+    if margin is None:
+        return None
+    info = layout.read_stage(run_dir, "eval")
+    models = ((info or {}).get("metrics") or {}).get("models") or {}
+    final = list(models)[-1] if models else None
+    if "benchmark_acc" not in models.get("base", {}) or "benchmark_acc" not in models.get(final, {}):
+        raise PackError(f"serve.min_benchmark_delta={margin} needs benchmark accuracy of the base and the final model "
+                        f"from the eval stage; run `make domain={pack.name} eval` (with eval.benchmarks) first")
+    base, tuned = models["base"]["benchmark_acc"], models[final]["benchmark_acc"]
+    if tuned - base < margin:
+        raise PackError(f"not serving: the {final} model's benchmark accuracy {tuned:.3f} is {tuned - base:+.3f} "
+                        f"against base {base:.3f}, below serve.min_benchmark_delta={margin}; see the eval report, "
+                        "or lower the margin (serve.min_benchmark_delta=...)")
+    return f"[serve] benchmark accuracy {tuned:.3f} vs base {base:.3f} ({tuned - base:+.3f} >= {margin})"
+
+
 def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = False, say=print) -> int:
     """Check, start and wait for both servers and the arena; then return (detach) or watch them until a
     signal or a crash, stopping every child on the way out. All under the domain's serve lock: a second
@@ -128,6 +148,9 @@ def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -
         raise PackError(f"'{pack.name}' is already being served ({pids}); stop it with "
                         f"`make domain={pack.name} stop` first")
     check_exposure(pack, endpoints(pack)["host"], serve_dir)
+    gate = check_benchmark_gate(pack, run_dir)
+    if gate:
+        say(gate)
     tuned_dir = layout.model_dir(run_dir, "merge")  # PackError telling to run `make domain=x merge` when absent
     base_dir = layout.model_dir(run_dir, "base")
     summary = check_run(pack, run_dir, tuned_dir)
