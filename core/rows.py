@@ -106,7 +106,7 @@ def _read_hub(src: Source) -> list[tuple[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(src.hub, src.subset, split=src.split)
+        ds = datasets.load_dataset(src.hub, src.subset, split=src.split, revision=src.revision)
     except Exception as e:
         raise PackError(
             f"hub dataset '{src.hub}' (split {src.split}) could not be loaded: {str(e).splitlines()[0]}. "

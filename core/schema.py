@@ -28,6 +28,8 @@ class Source(Strict):
     hub: str | None = None
     subset: str | None = Field(None, description="hub dataset configuration name")
     split: str = "train"
+    revision: str | None = Field(None, description="hub: the commit, tag or branch to load (default: main); the "
+                                                   "fingerprint records the revision the local cache resolves it to")
     columns: dict[str, str] = Field(
         default_factory=dict, description="our field name -> the dataset's column, e.g. {text: body}"
     )

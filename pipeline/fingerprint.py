@@ -46,18 +46,21 @@ def stage_config(pack: Pack, stage: str) -> dict:
     return config
 
 
-def stage_data_files(pack: Pack, stage: str) -> list[Path]:
-    """The files whose content a stage's output depends on: its datasets, base's .jinja chat template,
-    and the held-out data that `merge.search: t` chooses the merge with."""
+def stage_sources(pack: Pack, stage: str) -> list:
+    """The datasets a stage's output depends on: a training stage's, eval's held-out sets and benchmarks, and
+    the held-out data that `merge.search: t` chooses the merge with."""
     if stage in TRAIN_STAGES:
-        sources = pack.sources(stage)
-    elif stage == "eval":
-        sources = [s for key in EVAL_KIND for s in getattr(pack.eval, key)]
-    elif stage == "merge" and pack.merge.search == "t":
-        sources = [s for key in SEARCH_DATA for s in getattr(pack.eval, key)]
-    else:
-        sources = []
-    files = [source_file(s, pack.dir) for s in sources]
+        return pack.sources(stage)
+    if stage == "eval":
+        return [s for key in EVAL_KIND for s in getattr(pack.eval, key)] + list(pack.eval.benchmarks or [])
+    if stage == "merge" and pack.merge.search == "t":
+        return [s for key in SEARCH_DATA for s in getattr(pack.eval, key)]
+    return []
+
+
+def stage_data_files(pack: Pack, stage: str) -> list[Path]:
+    """The local files among a stage's datasets, and base's .jinja chat template."""
+    files = [source_file(s, pack.dir) for s in stage_sources(pack, stage)]
     if stage == "base" and pack.base.chat_template not in ("model", "chatml"):
         files.append(pack.dir / pack.base.chat_template)
     return [f for f in files if f is not None]
@@ -92,10 +95,25 @@ def fingerprint(pack: Pack, stage: str, run_dir: Path, world_size: int | None = 
               "data": data if enabled else {}, "upstream": upstream}
     if stage == "base":  # the same base.model can name a changed model (a re-exported folder, a new revision)
         inputs["model"] = base_identity(pack.base.model, pack.dir)
+    hub = {s.label: hub_dataset_revision(s) for s in stage_sources(pack, stage) if s.hub} if enabled else {}
+    if hub:  # a hub id names whatever its branch points to now: the cached revision is the data's identity
+        inputs["hub_data"] = hub
     world_size = distributed.topology().world_size if world_size is None else world_size
     hashed = {**inputs, "config": batch_view(inputs["config"], stage, world_size)}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return digest, inputs
+
+
+def hub_dataset_revision(src) -> str | None:
+    """The commit a hub dataset's revision (main unless pinned) resolves to in the local cache; a pinned
+    commit hash as it is; None when it is not cached (the stage then downloads it, or fails offline)."""
+    from huggingface_hub import constants
+
+    wanted = src.revision or "main"
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{src.hub.replace('/', '--')}" / "refs" / wanted
+    if ref.is_file():
+        return ref.read_text().strip()
+    return wanted if len(wanted) == 40 and all(c in "0123456789abcdef" for c in wanted) else None
 
 
 def package_versions() -> dict[str, str]:

@@ -258,3 +258,24 @@ def test_other_package_versions_warn_once_per_stage_without_rerunning(workspace,
     old_trl = built.get("trl", "not installed")
     assert warnings[2] == (f"[sft] warning: built with other package versions (transformers {old} -> 99.0, trl "
                            f"{old_trl} -> 0.0.1); kept as it is, `make domain=toy sft FORCE=1` rebuilds it")
+
+
+def test_a_new_hub_dataset_revision_changes_its_stage_fingerprint(workspace, fake_stages, monkeypatch):
+    """data=hub: the same dataset id can hold other rows tomorrow; the cached revision decides."""
+    from huggingface_hub import constants
+
+    calls, _ = fake_stages
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workspace / "hub"))
+    ref = workspace / "hub" / "datasets--org--text" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("aaa")
+    hub = PACK + "    data: hub\n" + "    cpt: {hub_datasets: [{hub: org/text, licence: permissive}]}\n"
+    make_pack(workspace, "toy", hub.replace("    cpt:\n      datasets: [{path: data/cpt.jsonl, licence: permissive}]\n",
+                                             ""), FILES)
+    pack = load_pack("toy")
+    first = runner.fingerprint(pack, "cpt", workspace / "runs" / "toy")
+    assert first[1]["hub_data"] == {"org/text[train]": "aaa"}
+    ref.write_text("bbb")
+    assert runner.fingerprint(pack, "cpt", workspace / "runs" / "toy")[0] != first[0]
+    pinned = load_pack("toy", ["cpt.hub_datasets.0.revision=" + "c" * 40])
+    assert runner.fingerprint(pinned, "cpt", workspace / "runs" / "toy")[1]["hub_data"] == {"org/text[train]": "c" * 40}
