@@ -209,7 +209,9 @@ def vllm_server(tmp_path_factory, tokenizer_dir):
     key_file.write_text("sk-test-key\n")
     key_file.chmod(0o600)
     cfg = ServeStage(max_model_len=512, kv_cache_gib=1, dtype="bfloat16")
-    child = start_vllm("tuned", model, ["tiny-tuned", "tiny-base"], "127.0.0.1", free_port(), "sk-test-key",
+    # Bound to every address, as `make serve HOST=0.0.0.0` binds it, so the key tests (test_auth.py) see what a
+    # remote client would; requests still go to 127.0.0.1 only (child.url).
+    child = start_vllm("tuned", model, ["tiny-tuned", "tiny-base"], "0.0.0.0", free_port(), "sk-test-key",
                        cfg, root / "vllm.log", cuda=False)
     try:
         wait_ready([child], "sk-test-key", timeout=300, say=lambda m: None)
