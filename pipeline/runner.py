@@ -150,7 +150,7 @@ def _train(ctx: StageContext, module, topo: distributed.Topology) -> dict:
     from pipeline.training import last_checkpoint
 
     checkpoints = ctx.out / "checkpoints"
-    last_checkpoint(ctx)  # a checkpoint a kill cut short is deleted here, before any rank looks
+    last_checkpoint(ctx, delete_cut_short=True)  # a checkpoint a kill cut short goes, before any rank runs
     distributed.check_resume_world(ctx.pack, topo, checkpoints, ctx.stage)
     distributed.record_world(ctx.pack, topo, checkpoints)
     if topo.world_size == 1:

@@ -90,15 +90,28 @@ def check_learning_rate(section: TrainStage, stage: str) -> None:
 # ----------------------------------------------------------------------------------------- training
 
 
-def last_checkpoint(ctx) -> str | None:
-    """The newest complete checkpoint in ctx.out/checkpoints, deleting any newer one that a kill cut short.
+def last_checkpoint(ctx, delete_cut_short: bool = False) -> str | None:
+    """The newest complete checkpoint in ctx.out/checkpoints.
 
     The Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG state), so a
     checkpoint whose trainer_state.json parses is whole; one killed mid-write has none, or a truncated one,
-    and resuming from it fails ("Can't find a valid checkpoint")."""
+    and resuming from it fails ("Can't find a valid checkpoint"). The runner deletes such leftovers
+    (delete_cut_short) before the stage starts; a training process only skips them, since under a
+    multi-process launch another rank may be writing that very checkpoint at that moment."""
     folder = ctx.out / "checkpoints"
     if not folder.is_dir():
         return None
+    found = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[-1].isdigit())
+    for step, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            if delete_cut_short:
+                ctx.log(f"{path.name} was cut short by the interruption: deleting it")
+                shutil.rmtree(path)
+    return None
     found = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
                    if p.is_dir() and p.name.split("-")[-1].isdigit())
     for step, path in reversed(found):
