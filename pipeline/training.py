@@ -112,16 +112,6 @@ def last_checkpoint(ctx, delete_cut_short: bool = False) -> str | None:
                 ctx.log(f"{path.name} was cut short by the interruption: deleting it")
                 shutil.rmtree(path)
     return None
-    found = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[-1].isdigit())
-    for step, path in reversed(found):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return str(path)
-        except (OSError, ValueError):
-            ctx.log(f"{path.name} was cut short by the interruption: deleting it")
-            shutil.rmtree(path)
-    return None
 
 
 def train(trainer, ctx) -> dict:
