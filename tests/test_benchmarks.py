@@ -54,6 +54,38 @@ def test_shipped_benchmark_is_valid_balanced_and_disjoint_from_training(path):
     assert shared == {}
 
 
+def blind_baselines(rows: list[dict]) -> dict[str, float]:
+    """Accuracy of answering without reading the question: always the longest choice, always the shortest
+    (a tie counts as a random pick among the tied ones, so 1/k), always the most common answer position."""
+    def always(pick) -> float:
+        total = 0.0
+        for r in rows:
+            lengths = [len(c) for c in r["choices"]]
+            tied = [i for i, n in enumerate(lengths) if n == pick(lengths)]
+            total += (r["answer"] in tied) / len(tied)
+        return total / len(rows)
+    positions = collections.Counter(r["answer"] for r in rows)
+    return {"longest": always(max), "shortest": always(min), "same position": max(positions.values()) / len(rows)}
+
+
+def test_blind_baselines_split_ties_and_count_positions():
+    rows = [{"choices": ["aa", "b", "cc", "d"], "answer": 0}, {"choices": ["a", "b", "c", "dddd"], "answer": 3}]
+    assert blind_baselines(rows) == {"longest": (0.5 + 1) / 2, "shortest": (0 + 0) / 2, "same position": 0.5}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.parts[-4] for p in SHIPPED])
+def test_shipped_benchmark_cannot_be_passed_by_choice_length_or_position(path):
+    # Chance is 0.25; on 100 items its standard error is ~0.043, so 0.40 is ~3.5 standard errors above it. Before
+    # its rewrite, counseling's right answer was the longest choice in 96% of items: lm-eval's `acc` (summed
+    # log-likelihood, which favours short choices) then scored the base model 0.02, and `acc_norm` inflated.
+    rows, problems = load_source(Source(path=str(path), licence="permissive"), path.parent, "mc")
+    assert problems == [] and len(rows) >= 100, (problems[:3], len(rows))
+    baselines = blind_baselines(rows)
+    assert max(baselines.values()) <= 0.40, (
+        f"{path}: a model that never reads the question scores {baselines}; rewrite distractors so the right "
+        "answer is not systematically the longest or shortest choice, and move answers between positions")
+
+
 MC = [{"question": f"Which number is {n}?", "choices": [str(n), str(n + 1), str(n + 2), str(n + 3)], "answer": 0}
       for n in range(6)]
 PACK = """\
