@@ -109,16 +109,17 @@ def write_tasks(pack, task_dir: Path, cache_dir: Path) -> tuple[list[str], objec
     return tasks, manager
 
 
-def run_benchmarks(model_dir: Path, tasks: list[str], manager) -> dict:
-    """benchmark_acc/_stderr/_norm for the pack's benchmark, lm_eval/<task>_acc/_stderr for the others."""
+def run_benchmarks(scorer: Scorer, tasks: list[str], manager) -> dict:
+    """benchmark_acc/_stderr/_norm for the pack's benchmark, lm_eval/<task>_acc/_stderr for the others.
+    lm-eval's HF model wraps the model the scorer has loaded (float32), rather than loading it again."""
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
 
+    lm = HFLM(pretrained=scorer.model, tokenizer=scorer.tok, batch_size=32)
     metrics = {}
     for task in tasks:  # one at a time, so the task that cannot load is the one named
         try:
-            out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
-                                          tasks=[task], task_manager=manager,
-                                          batch_size=8, device="cuda" if _cuda() else "cpu")
+            out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager)
         except Exception as e:  # a dataset not in the offline cache, a broken task YAML
             raise PackError(f"lm-evaluation-harness task {task!r} could not run: {type(e).__name__}: {e}") from e
         r = out["results"][task]
@@ -130,12 +131,6 @@ def run_benchmarks(model_dir: Path, tasks: list[str], manager) -> dict:
     return metrics
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def eval_data(pack) -> dict:
     data = {}
     for key, kind in EVAL_KIND.items():
@@ -144,10 +139,9 @@ def eval_data(pack) -> dict:
     return data
 
 
-def score_model(model_dir: Path, pack, data: dict, ref_pairs: list | None, log,
+def score_model(scorer: Scorer, pack, data: dict, ref_pairs: list | None, log,
                 answer: bool = True) -> tuple[dict, list, list]:
     """Metrics, per-pair (chosen, rejected) log-prob sums, and greedy answers of one model (when `answer`)."""
-    scorer = Scorer(model_dir)
     sp = pack.system_prompt
     metrics: dict = {}
     if data["text"]:
@@ -222,11 +216,12 @@ def run(ctx) -> dict:
             ctx.log(f"{stage}: cached scores (model fingerprint {fp})")
         else:  # not scored yet, or scored without answers while it was not the final model
             ctx.log(f"{stage}: scoring {path}")
-            metrics, pairs, gen = score_model(path, pack, data, None if stage == "base" else ref_pairs, ctx.log,
+            scorer = Scorer(path)
+            metrics, pairs, gen = score_model(scorer, pack, data, None if stage == "base" else ref_pairs, ctx.log,
                                               answer)
             if tasks and answer:
                 ctx.log(f"  lm-evaluation-harness: {', '.join(tasks)}")
-                metrics.update(run_benchmarks(path, tasks, manager))
+                metrics.update(run_benchmarks(scorer, tasks, manager))
             entry = {"metrics": metrics, "pairs": pairs, "answers": gen}
             tmp = cached.with_suffix(".tmp")
             tmp.write_text(json.dumps(entry))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import types
 
+from core.scoring import plain_head_ok
+
 ATTENTION = "packed_sdpa"
 
 
@@ -102,12 +104,6 @@ def restore_attention(model, previous: str) -> None:
         model.set_attn_implementation(previous)
 
 
-def _plain_head_ok(config) -> bool:
-    text = config.get_text_config()
-    scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-    return not any(getattr(text, name, None) is not None for name in scaled)
-
-
 def plain_lm_head(trainer) -> bool:
     """Replace TRL's chunked LM head (installed by SFTTrainer) with one matmul over the labelled positions.
     Skipped (False) for models whose logits are scaled or soft-capped, which TRL's kernel handles."""
@@ -116,7 +112,7 @@ def plain_lm_head(trainer) -> bool:
     from trl.trainer.utils import FusedCausalLMOutput
 
     model = inner_model(trainer)
-    if not _plain_head_ok(model.config) or getattr(trainer.args, "temperature", 1.0) not in (None, 1.0):
+    if not plain_head_ok(model.config) or getattr(trainer.args, "temperature", 1.0) not in (None, 1.0):
         return False
     trl_forward = model.forward  # TRL's patched forward: plain generation, or its kernel with fused_lm_head=True
 

@@ -59,7 +59,7 @@ def test_conversation_nll_is_the_loss_sft_trains(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    scorer = scoring.Scorer(tiny_model_dir, batch_size=2)
+    scorer = scoring.Scorer(tiny_model_dir)
     enc = tokenize_conversation(scorer.tok, CONVERSATION)
     ids = torch.tensor([enc["input_ids"]])
     labels = torch.where(torch.tensor([enc["assistant_masks"]]) == 1, ids, -100)
@@ -71,3 +71,25 @@ def test_conversation_nll_is_the_loss_sft_trains(tiny_model_dir):
     alone, n_short = scorer.conversation_nll([short])
     assert n == sum(enc["assistant_masks"][1:]) and nll / n == pytest.approx(loss, rel=1e-4)
     assert n2 == n + n_short and batched == pytest.approx(nll + alone, rel=1e-4)
+
+
+def test_batching_keeps_order_and_values(tiny_model_dir):
+    """Scored shortest first in token-budget batches, every result comes back in the order given and equals the
+    sequence scored alone with the model's own full logits; greedy answers come back in prompt order too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    scorer = scoring.Scorer(tiny_model_dir, batch_tokens=64)  # several batches
+    prompts = [[{"role": "user", "content": "Hi" + " again" * k}] for k in (6, 0, 11, 2)]
+    completions = [[{"role": "assistant", "content": "Fine" + " thanks" * k}] for k in (0, 9, 3, 5)]
+    batched = scorer.completion_logps(prompts, completions)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for prompt, completion, (logp, n) in zip(prompts, completions, batched):
+        ids, mask = scoring.completion_mask(scorer.tok, prompt, completion)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        assert n == int(keep.sum()) and logp == pytest.approx(float(lp[keep].sum()), rel=1e-4)
+    together = scorer.generate(prompts, max_new_tokens=5)
+    assert together == [scorer.generate([p], max_new_tokens=5)[0] for p in prompts]
