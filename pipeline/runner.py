@@ -90,7 +90,7 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
     if current and current.get("fingerprint") == fp and not force:
         log(stage, f"up to date (fingerprint {fp}), skipped; FORCE=1 reruns it")
         warn_packages(pack, stage, current)
-        return current
+        return {**current, "skipped": True}  # "skipped" is for the caller; stage.json stays as it is
 
     work = layout.work_dir(run_dir, stage)
     stamp = work / ".fingerprint"
@@ -108,7 +108,8 @@ def run_stage(pack: Pack, stage: str, run_dir: Path, force: bool = False,
         model = os.path.relpath(model_dir(run_dir, upstream), run_dir / stage) if stage != "eval" else None
         extra = {"disabled": True}
     else:
-        log(stage, f"running (fingerprint {fp})")
+        before = f"; its last build took {current['wall_time_s']:.0f}s" if (current or {}).get("wall_time_s") else ""
+        log(stage, f"running (fingerprint {fp}{before})")
         module = importlib.import_module(stages.BY_NAME[stage].module)
         ctx = StageContext(pack=pack, stage=stage, run_dir=run_dir, out=work, fingerprint=fp,
                            log=lambda m: log(stage, m))
@@ -261,4 +262,19 @@ def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = Non
 
         tracking(pack, run_dir)  # a tracker asked for but not installed: said before any stage runs
     with RunLock(run_dir):
-        return [run_stage(pack, s, run_dir, force=s in forced, topo=topo) for s in order]
+        start, done, walls = time.time(), [], {}
+        for s in order:
+            t = time.time()
+            info = run_stage(pack, s, run_dir, force=s in forced, topo=topo)
+            done.append(info)
+            walls[s] = None if info.get("skipped") else time.time() - t
+        log(target, summary_line(walls, time.time() - start))
+        return done
+
+
+def summary_line(walls: dict[str, float | None], total: float) -> str:
+    """`done in 612s: cpt 170s, sft 198s, ... (up to date: base)`: where a run's time went (None: skipped)."""
+    ran = [f"{s} {w:.1f}s" for s, w in walls.items() if w is not None]
+    kept = [s for s, w in walls.items() if w is None]
+    return (f"done in {total:.0f}s" + (f": {', '.join(ran)}" if ran else "")
+            + (f" (up to date: {', '.join(kept)})" if kept else ""))

@@ -54,7 +54,7 @@ def fake_stages(monkeypatch):
     return calls, crash
 
 
-def test_skip_rerun_downstream_and_force(workspace, fake_stages):
+def test_skip_rerun_downstream_and_force(workspace, fake_stages, capsys):
     calls, _ = fake_stages
     folder = make_pack(workspace, "toy", PACK, FILES)
     run_dir = workspace / "runs" / "toy"
@@ -67,12 +67,17 @@ def test_skip_rerun_downstream_and_force(workspace, fake_stages):
     assert info["inputs"]["upstream"]["cpt"] == json.loads((run_dir / "cpt" / "stage.json").read_text())["fingerprint"]
     assert info["config"]["sft"]["learning_rate"] == 2e-4
 
+    capsys.readouterr()
     runner.run(load_pack("toy"), "sft")  # nothing changed: everything skipped
     assert calls == ["base", "cpt", "sft"]
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(up to date: base, cpt, sft)")
+    assert "skipped" not in json.loads((run_dir / "sft" / "stage.json").read_text())
 
     (folder / "data/cpt.jsonl").write_text('{"text": "two"}\n')  # cpt data changed: cpt and sft rerun
     runner.run(load_pack("toy"), "sft")
     assert calls == ["base", "cpt", "sft", "cpt", "sft"]
+    last = capsys.readouterr().out.splitlines()[-1]  # the total and where it went
+    assert last.startswith("[sft] done in ") and ": cpt " in last and ", sft " in last and "(up to date: base)" in last
 
     runner.run(load_pack("toy", ["sft.learning_rate=1e-4"]), "sft")  # sft config changed: sft only
     assert calls[-1:] == ["sft"] and len(calls) == 6
