@@ -58,7 +58,7 @@ def inner_model(trainer):
 
 
 def enable(trainer):
-    """Both speed-ups on an SFTTrainer; returns (the callable that puts the attention back before saving,
+    """Both speed-ups on an SFTTrainer (DPO and KTO trainers: the LM head; their padded rows keep dense attention); returns (the callable that puts the attention back before saving,
     whether the plain LM head replaced TRL's)."""
     model = inner_model(trainer)
     previous = packed_attention(model)
@@ -114,6 +114,7 @@ def plain_lm_head(trainer) -> bool:
     model = inner_model(trainer)
     if not plain_head_ok(model.config) or getattr(trainer.args, "temperature", 1.0) not in (None, 1.0):
         return False
+    weighted = bool(getattr(trainer, "use_weighting", False))
     trl_forward = model.forward  # TRL's patched forward: plain generation, or its kernel with fused_lm_head=True
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
@@ -129,9 +130,11 @@ def plain_lm_head(trainer) -> bool:
         logits = self.get_output_embeddings()(hidden[mask]).float()
         log_softmax = F.log_softmax(logits, dim=-1)
         log_probs = log_softmax.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():  # the metrics TRL logs: entropy and top-1 accuracy
+        with torch.no_grad():  # the metrics TRL logs: entropy, top-1 accuracy, mean logit (DPO, KTO)
             entropy = -(log_softmax.exp() * log_softmax).sum(-1)
             is_top1 = log_softmax.argmax(-1) == target
+            mean_logits = logits.mean(-1)
+            sum_sq = torch.logsumexp(2 * log_softmax, dim=-1) if weighted else None  # DPO's WPO weights
 
         def spread(x):  # back to [batch, tokens - 1], zero where the label is ignored
             return x.new_zeros(mask.shape).masked_scatter(mask, x)
@@ -139,7 +142,8 @@ def plain_lm_head(trainer) -> bool:
         log_probs = spread(log_probs)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=spread(entropy),
-                                   is_top1=spread(is_top1), label_mask=mask)
+                                   is_top1=spread(is_top1), mean_logits=spread(mean_logits), label_mask=mask,
+                                   log_sum_sq_probs=spread(sum_sq) if weighted else None)
 
     model.forward = types.MethodType(forward, model)
     return True

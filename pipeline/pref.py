@@ -132,6 +132,8 @@ def run(ctx) -> dict:
     metrics = {"backend": backend, "tuning": section.tuning, "method": method,
                "train_rows": len(train_pairs), "eval_rows": len(eval_pairs), "dropped_too_long": dropped,
                **training.trainable_summary(trainer.model)}
+    # DPO and KTO score answers through TRL's chunked LM head; on the CPU the plain one (pipeline/fastpath.py)
+    restore = training.speed_up_on_cpu(trainer, ctx) if method in ("dpo", "kto") else (lambda: None)
     epoch_before = trainer.state.epoch or 0.0
     trained = training.train(trainer, ctx)
     metrics.update(training.throughput(tokens_per_epoch, trained, epoch_before))
@@ -144,6 +146,7 @@ def run(ctx) -> dict:
         metrics["eval_rewards/margins"] = held.get("eval_rewards/margins")
     metrics.update(steps=trained["steps"], resumed_from_step=trained["resumed_from_step"],
                    train_loss_mean=trained["train_loss_mean"], train_runtime_s=round(trained["train_runtime"], 2))
+    restore()
     training.save_outputs(trainer, input_dir, ctx, f"{pack.name}: {method.upper()}")
     ctx.log(f"loss {metrics['train_loss']}, reward accuracy {metrics['rewards/accuracies']}, "
             f"margin {metrics['rewards/margins']}, {metrics['tokens_per_s']} tokens/s")

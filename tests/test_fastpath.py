@@ -119,3 +119,36 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradients(model):
     uncompile()
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     assert fastpath.compile_decoder_layers(torch.nn.Linear(2, 2))() is None  # no decoder layers: left alone
+
+
+def test_plain_lm_head_gives_dpo_the_same_loss_and_rewards(tiny_model_dir, tmp_path):
+    """The pref stage puts the plain head under TRL's DPOTrainer too (policy and the adapter-off reference)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+              "chosen": [{"role": "assistant", "content": "A careful answer" + " indeed" * i}],
+              "rejected": [{"role": "assistant", "content": "No" + " idea" * (3 - i)}]} for i in range(4)]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                     max_length=64, dataset_num_proc=None)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+    def loss_and_rewards():
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(trainer.model, batch)
+        return loss, {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("rewards/")}
+
+    trl_loss, trl_rewards = loss_and_rewards()
+    assert fastpath.plain_lm_head(trainer)
+    loss, rewards = loss_and_rewards()
+    torch.testing.assert_close(loss, trl_loss, atol=1e-5, rtol=1e-5)
+    assert trl_rewards and rewards.keys() == trl_rewards.keys()
+    for k in rewards:
+        assert rewards[k] == pytest.approx(trl_rewards[k], abs=1e-4)
