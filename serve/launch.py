@@ -20,6 +20,8 @@ lists its model; one that is not ready in serve.ready_timeout_s is stopped and i
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import signal
@@ -34,17 +36,19 @@ from core.layout import REPO
 from core.schema import Pack
 from serve.auth import arena_users, is_loopback
 from serve.crisis import guard_env
-from serve.engine import cpu_split, on_cuda, start_vllm, url_host, wait_ready
+from serve.engine import cpu_split, is_ready, on_cuda, start_vllm, url_host, wait_ready
 from serve.parity import check_run
 from serve.procs import (
     ARENA_MODULE,
     Child,
     alive_children,
     log_tail,
+    read_state,
     serve_lock,
     spawn,
     state_path,
     stop,
+    stop_domain,
     write_state,
 )
 
@@ -120,8 +124,49 @@ def serve(pack: Pack, run_dir: Path, overrides: list[str] = (), detach: bool = F
     """Check, start and wait for both servers and the arena; then return (detach) or watch them until a
     signal or a crash, stopping every child on the way out. All under the domain's serve lock: a second
     serve of the domain, while this one starts (or runs in the foreground), is refused at once."""
-    with serve_lock(layout.serve_dir(run_dir), pack.name):
+    serve_dir = layout.serve_dir(run_dir)
+    if already_serving(pack, run_dir, overrides, say):
+        return 0
+    with serve_lock(serve_dir, pack.name):
+        running = alive_children(serve_dir)
+        if running and (read_state(serve_dir) or {}).get("detached"):
+            say("[serve] the detached servers run another build or other settings: restarting them")
+            stop_domain(serve_dir, pack.name, say)
         return _serve(pack, run_dir, overrides, detach, say)
+
+
+def signature(pack: Pack, run_dir: Path, overrides: list[str]) -> str:
+    """What a serve serves: the served stages' fingerprints, the serve settings, endpoints and command-line
+    overrides, and (hashed) the key and the arena logins it was given. Equal signatures: nothing to restart."""
+    serve_dir = layout.serve_dir(run_dir)
+    key = os.environ.get("API_KEY", "").strip() or (
+        (serve_dir / "api_key").read_text().strip() if (serve_dir / "api_key").is_file() else "")
+    blob = json.dumps({"stages": {s: (layout.read_stage(run_dir, s) or {}).get("fingerprint")
+                                  for s in ("base", "merge")},
+                       "serve": pack.serve.model_dump(mode="json"), "system_prompt": pack.system_prompt,
+                       "endpoints": endpoints(pack), "overrides": list(overrides), "key": key,
+                       "arena_users": os.environ.get("ARENA_USERS", "")}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def already_serving(pack: Pack, run_dir: Path, overrides: list[str], say) -> bool:
+    """True (after printing the endpoints) when a serve of this domain, detached or in another terminal, runs
+    the same build with the same settings and every child answers: a rerun of `make all` then has nothing to do."""
+    serve_dir = layout.serve_dir(run_dir)
+    state = read_state(serve_dir)
+    running = alive_children(serve_dir)
+    if not state or not running or len(running) != len(state.get("children", [])):
+        return False
+    if state.get("signature") != signature(pack, run_dir, overrides):
+        return False
+    key = os.environ.get("API_KEY", "").strip() or (serve_dir / "api_key").read_text().strip()
+    children = [Child(e["role"], None, e["url"], Path(e["log"]), e["models"]) for e in running]
+    if not all(is_ready(c, key) for c in children):
+        return False
+    where = "detached" if state.get("detached") else "in the foreground elsewhere"
+    say(f"[serve] already serving this build with these settings ({where}): nothing to restart")
+    _announce(pack, children, key, serve_dir, True, say)
+    return True
 
 
 def check_exposure(pack: Pack, host: str, serve_dir: Path) -> None:
@@ -187,7 +232,8 @@ def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -
         start_vllm("base", base_dir, names["base"], host, ends["base"][0], key, cfg,
                    serve_dir / "base.log", cuda, tie, halves[1]),
     ]
-    write_state(serve_dir, children, detach)
+    sig = signature(pack, run_dir, overrides)
+    write_state(serve_dir, children, detach, sig)
     try:
         wait_ready(children, key, cfg.ready_timeout_s, say)
         t, b = children
@@ -202,7 +248,7 @@ def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -
             env.setdefault("CRISIS_AUDIT_LOG", str(serve_dir / "crisis_audit.jsonl"))
         children.append(spawn("arena", cmd, env, serve_dir / "arena.log",
                               f"http://{url_host(host)}:{ends['arena'][0]}/", [], tie))
-        write_state(serve_dir, children, detach)
+        write_state(serve_dir, children, detach, sig)
         wait_ready(children[2:], key, cfg.ready_timeout_s, say)
     except BaseException:
         stop(children)

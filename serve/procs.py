@@ -201,12 +201,20 @@ def alive_children(serve_dir: Path) -> list[dict]:
     return alive
 
 
-def write_state(serve_dir: Path, children: list[Child], detached: bool) -> None:
+def read_state(serve_dir: Path) -> dict | None:
+    try:
+        return json.loads(state_path(serve_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(serve_dir: Path, children: list[Child], detached: bool, signature: str = "") -> None:
     entries = [{"role": c.role, "pid": c.proc.pid, "pgid": c.pgid, "url": c.url, "log": str(c.log),
                 "models": c.models, "marker": VLLM_MODULE if c.role != "arena" else ARENA_MODULE}
                for c in children]
     tmp = state_path(serve_dir).with_suffix(".tmp")  # written whole, then renamed: never read half-written
-    tmp.write_text(json.dumps({"children": entries, "detached": detached, "launcher_pid": os.getpid()},
+    tmp.write_text(json.dumps({"children": entries, "detached": detached, "launcher_pid": os.getpid(),
+                               "signature": signature},
                               indent=2) + "\n")
     os.replace(tmp, state_path(serve_dir))
 

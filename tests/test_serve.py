@@ -265,9 +265,20 @@ def test_detached_serve_answers_as_domain_and_base_and_stop_leaves_nothing(works
         pids = [c["pid"] for c in json.loads((run / "serve" / "state.json").read_text())["children"]]
         assert len(pids) == 3  # tuned, base and the arena
 
-        again = subprocess.run([*cli, "serve", "--domain", "finance", "--detach"], env=env, capture_output=True,
-                               text=True, timeout=120)
-        assert again.returncode == 2 and "already being served" in again.stderr
+        # a rerun with nothing changed (the second `make all`) finds everything answering and returns at once
+        again = subprocess.run([*cli, "serve", "--domain", "finance", "--detach", *overrides], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "already serving this build" in again.stdout, again.stdout + again.stderr
+        assert key in again.stdout and [c["pid"] for c in json.loads(
+            (run / "serve" / "state.json").read_text())["children"]] == pids
+        # other settings: the detached servers are replaced
+        changed = subprocess.run([*cli, "serve", "--domain", "finance", "--detach", *overrides,
+                                  "serve.max_model_len=256"], env=env, capture_output=True, text=True, timeout=900)
+        assert changed.returncode == 0 and "restarting them" in changed.stdout, changed.stdout + changed.stderr
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pid, 0)
+        pids = [c["pid"] for c in json.loads((run / "serve" / "state.json").read_text())["children"]]
     finally:
         stopped = subprocess.run([*cli, "stop", "--domain", "finance"], env=env, capture_output=True, text=True,
                                  timeout=120)
