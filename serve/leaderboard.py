@@ -27,7 +27,8 @@ def ranking_table(rank: dict | None, contestants: list[tuple[str, str]]) -> list
     for i, m in enumerate(order, 1):
         lo, hi = rank["bradley_terry_95"][m]
         name = f"`{m}` ({role[m]})" if m in role else f"`{m}`"
-        out.append(f"| {i} | {name} | {rank['bradley_terry'][m]:.0f} | [{lo:.0f}, {hi:.0f}] | {rank['battles_of'][m]} |")
+        rating, n = rank["bradley_terry"][m], rank["battles_of"][m]
+        out.append(f"| {i} | {name} | {rating:.0f} | [{lo:.0f}, {hi:.0f}] | {n} |")
     out += [f"| – | `{m}` ({role[m]}) | no votes yet | – | 0 |" for m in unvoted]
     if rank and rank["pairs"]:
         out += ["", "#### Each pair: how often the first model wins", "",
