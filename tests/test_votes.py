@@ -349,3 +349,18 @@ def test_both_bad_votes_export_as_kto_rows_that_a_kto_pack_loads(workspace, caps
     loaded = load_rows(pack, pack.sources("pref"), "kto", "pref.datasets")
     assert len(loaded) == 1 + 5 and loaded[0]["chosen"] == "A loan you make to an issuer."
     assert [r["label"] for r in loaded[1:]] == [False] * 5
+
+
+def test_report_ranks_all_contestants_when_more_than_two_battled(workspace):
+    from core.layout import run_dir
+    from pipeline.report import arena_section
+
+    make_pack(workspace, "fin", "name: fin\n")
+    store = Store(votes.db_path("fin"))
+    for models, kind in [(("fin", "fin-base"), "model_a"), (("fin-sft", "fin-base"), "model_a"),
+                         (("fin", "fin-sft"), "model_a"), (("fin", "fin-base"), "tie")]:
+        store.vote(battle(store, ["q"], ["a"], ["b"], models=models), kind, "ada")
+    rows = dict(arena_section(run_dir("fin"), "fin"))
+    assert rows["battles voted (tuned vs base)"] == "2"
+    ranking = rows["Bradley-Terry ranking (Elo scale, bootstrap 95%)"].split("; ")
+    assert [r.split()[0] for r in ranking] == ["fin", "fin-sft", "fin-base"]
