@@ -101,8 +101,9 @@ serve: setup
 stop: setup
 	@$(ENV) $(PY) -m serve stop --domain $(call quote,$(DOMAIN))
 
-# Arena votes -> runs/<domain>/votes/battles.jsonl and pairs.jsonl (decisive votes as prompt/chosen/rejected);
-# prints the pref.datasets entry that makes the next `make all` train on them.
+# Arena votes -> runs/<domain>/votes/battles.jsonl, pairs.jsonl (decisive votes as prompt/chosen/rejected) and
+# kto.jsonl (both-bad votes as prompt/completion/label false, for pref.method=kto); prints the pref.datasets
+# entries that make the next `make all` train on them.
 export-votes: setup
 	@$(ENV) $(PY) -m core.pairs export --domain $(call quote,$(DOMAIN))
 

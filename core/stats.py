@@ -1,4 +1,5 @@
-"""Win-rate statistics for the arena leaderboard: is the tuned model preferred over the base model?
+"""Win-rate statistics for the arena leaderboard: is the tuned model preferred over the base model, and how do
+all the arena's contestants rank?
 
 Pure numpy/scipy so the leaderboard (and `python -m core.pairs summary`) import fast. Conventions, after Chatbot
 Arena (FastChat) and AlpacaEval:
@@ -11,7 +12,9 @@ Arena (FastChat) and AlpacaEval:
 - the length-controlled win rate fits a logistic model of the outcome on the normalised length
   difference (tanh of the difference over its standard deviation, as AlpacaEval-LC) and predicts it at
   zero difference: the win rate the tuned model would have if both answers were equally long;
-- the left-side check asks whether raters prefer answer A (shown on the left) regardless of model.
+- the left-side check asks whether raters prefer answer A (shown on the left) regardless of model;
+- with more than two models, Bradley-Terry ratings on the Elo scale (as Chatbot Arena's leaderboard) with
+  percentile bootstrap intervals over resampled battles, beside the statistics above for each pair.
 """
 from __future__ import annotations
 
@@ -135,34 +138,86 @@ def votes_needed(wins: int, losses: int, alpha: float = 0.05) -> int | None:
     return hi - n0
 
 
+def _bt_categories(battles: list[tuple[str, str, float]]):
+    """(models, index of a, index of b, score of a, count) of the distinct (a, b, score) outcomes: the
+    likelihood depends on the battles only through these counts, so a fit costs the same for 10 or 10^6 votes."""
+    models = sorted({m for a, b, _ in battles for m in (a, b)})
+    idx = {m: i for i, m in enumerate(models)}
+    cats: dict[tuple[int, int, float], int] = {}
+    for a, b, sc in battles:
+        key = (idx[a], idx[b], float(sc))
+        cats[key] = cats.get(key, 0) + 1
+    keys = list(cats)
+    ia, ib, s = (np.array([k[j] for k in keys]) for j in range(3))
+    return models, ia.astype(int), ib.astype(int), s.astype(float), np.array([cats[k] for k in keys], dtype=float)
+
+
+def _bt_fit(ia, ib, s, w, k: int) -> np.ndarray:
+    """Maximum-likelihood log-strengths (centred) for outcome counts w, with a weak ridge (so a model that
+    never lost stays finite)."""
+    def loss(theta):
+        z = theta[ia] - theta[ib]
+        return np.sum(w * (np.logaddexp(0, z) - s * z)) + 0.01 * np.sum(theta ** 2)
+
+    def grad(theta):
+        r = w * (1 / (1 + np.exp(-(theta[ia] - theta[ib]))) - s)
+        return np.bincount(ia, r, k) - np.bincount(ib, r, k) + 0.02 * theta
+
+    theta = optimize.minimize(loss, np.zeros(k), jac=grad, method="L-BFGS-B").x
+    return theta - theta.mean()
+
+
 def bradley_terry(battles: list[tuple[str, str, float]], scale: float = 400, base: float = 1000) -> dict[str, float]:
     """Bradley-Terry ratings on the Elo scale from (model_a, model_b, score of a) battles, ties as half.
 
     Maximum likelihood with a weak ridge (so a model that never lost stays finite), centred on `base`.
     """
-    models = sorted({m for a, b, _ in battles for m in (a, b)})
+    models, ia, ib, s, w = _bt_categories(battles)
     if len(models) < 2:
         return {m: base for m in models}
-    idx = {m: i for i, m in enumerate(models)}
-    ia = np.array([idx[a] for a, _, _ in battles])
-    ib = np.array([idx[b] for _, b, _ in battles])
-    s = np.array([sc for _, _, sc in battles], dtype=float)
-    k = len(models)
+    theta = _bt_fit(ia, ib, s, w, len(models))
+    return {m: float(base + scale / math.log(10) * theta[i]) for i, m in enumerate(models)}
 
-    def loss(theta):
-        z = theta[ia] - theta[ib]
-        nll = np.sum(np.logaddexp(0, z) - s * z)
-        return nll + 0.01 * np.sum(theta ** 2)
 
-    def grad(theta):
-        p = 1 / (1 + np.exp(-(theta[ia] - theta[ib])))
-        r = p - s
-        g = np.bincount(ia, r, k) - np.bincount(ib, r, k)
-        return g + 0.02 * theta
+def _bt_newton(ia, ib, s, w, k: int, start: np.ndarray, steps: int = 100) -> np.ndarray:
+    """The fit of _bt_fit for many weight vectors at once (rows of w), by Newton's method from `start`:
+    the bootstrap's hundreds of refits in milliseconds (L-BFGS one at a time took ~10 ms each)."""
+    theta = np.tile(start, (w.shape[0], 1))
+    eye = 0.02 * np.eye(k)
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(theta[:, ia] - theta[:, ib])))
+        r, h = w * (p - s), w * p * (1 - p)
+        g = 0.02 * theta
+        hess = np.broadcast_to(eye, (w.shape[0], k, k)).copy()
+        for j in range(ia.size):  # a handful of distinct outcomes: k models, two orders, three scores
+            a, b = ia[j], ib[j]
+            g[:, a] += r[:, j]
+            g[:, b] -= r[:, j]
+            hess[:, a, a] += h[:, j]
+            hess[:, b, b] += h[:, j]
+            hess[:, a, b] -= h[:, j]
+            hess[:, b, a] -= h[:, j]
+        step = np.linalg.solve(hess, g[..., None])[..., 0]
+        step = np.clip(step, -2, 2)  # damped: a resample where a model never lost sits far out
+        theta -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return theta - theta.mean(axis=1, keepdims=True)
 
-    theta = optimize.minimize(loss, np.zeros(k), jac=grad, method="L-BFGS-B").x
-    theta -= theta.mean()
-    return {m: float(base + scale / math.log(10) * theta[idx[m]]) for m in models}
+
+def bradley_terry_intervals(battles: list[tuple[str, str, float]], n_boot: int = 1000, seed: int = 0,
+                            level: float = 0.95, scale: float = 400, base: float = 1000) -> dict[str, tuple]:
+    """Percentile bootstrap intervals of the Bradley-Terry ratings, resampling whole battles (as Chatbot Arena
+    does): each round draws len(battles) battles with replacement, i.e. multinomial counts of the distinct
+    outcomes, and refits. A fixed seed keeps the page from flickering."""
+    models, ia, ib, s, w = _bt_categories(battles)
+    if len(models) < 2:
+        return {m: (math.nan, math.nan) for m in models}
+    rng, k, n = np.random.default_rng(seed), len(models), int(w.sum())
+    draws = _bt_newton(ia, ib, s, rng.multinomial(n, w / n, size=n_boot).astype(float), k,
+                       _bt_fit(ia, ib, s, w, k))
+    lo, hi = np.quantile(base + scale / math.log(10) * draws, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
+    return {m: (float(lo[i]), float(hi[i])) for i, m in enumerate(models)}
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -182,20 +237,18 @@ class Battle:
         return {"model_a": 1.0, "model_b": 0.0}.get(self.winner, 0.5)
 
 
-def summarise(battles: list[Battle], tuned: str, base: str, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Everything the leaderboard shows, for the tuned-vs-base battles among `battles`."""
-    kinds = {w: 0 for w in WINNERS}
-    for b in battles:
-        kinds[b.winner] += 1
-    pair = [b for b in battles if {b.model_a, b.model_b} == {tuned, base}]
-    outcomes, lt, lb = [], [], []
+def head_to_head(battles: list[Battle], first: str, second: str, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The statistics of the `first`-vs-`second` battles among `battles`, from `first`'s point of view."""
+    outcomes, l1, l2 = [], [], []
     wins = losses = left = right = 0
-    for b in pair:
-        tuned_is_a = b.model_a == tuned
+    for b in battles:
+        if {b.model_a, b.model_b} != {first, second}:
+            continue
+        first_is_a = b.model_a == first
         sa = b.score_a()
-        outcomes.append(sa if tuned_is_a else 1 - sa)
-        lt.append(b.len_a if tuned_is_a else b.len_b)
-        lb.append(b.len_b if tuned_is_a else b.len_a)
+        outcomes.append(sa if first_is_a else 1 - sa)
+        l1.append(b.len_a if first_is_a else b.len_b)
+        l2.append(b.len_b if first_is_a else b.len_a)
         if b.winner == "model_a":
             left += 1
         elif b.winner == "model_b":
@@ -205,13 +258,9 @@ def summarise(battles: list[Battle], tuned: str, base: str, n_boot: int = 2000, 
         elif outcomes[-1] == 0.0:
             losses += 1
     n = len(outcomes)
-    lc, slope = length_controlled_win_rate(outcomes, lt, lb)
+    lc, slope = length_controlled_win_rate(outcomes, l1, l2)
     left_share, left_p = side_preference(left, right)
-    out = {
-        "battles": len(battles),
-        "votes": kinds,
-        "tuned": tuned,
-        "base": base,
+    return {
         "n": n,
         "wins": wins,
         "losses": losses,
@@ -223,13 +272,41 @@ def summarise(battles: list[Battle], tuned: str, base: str, n_boot: int = 2000, 
         "sign_test_p": sign_test(wins, losses),
         "lc_win_rate": lc,
         "length_coef": slope,
-        "mean_len_tuned": float(np.mean(lt)) if lt else math.nan,
-        "mean_len_base": float(np.mean(lb)) if lb else math.nan,
+        "mean_len_first": float(np.mean(l1)) if l1 else math.nan,
+        "mean_len_second": float(np.mean(l2)) if l2 else math.nan,
         "left_share": left_share,
         "left_p": left_p,
         "votes_needed": votes_needed(wins, losses),
     }
+
+
+def ranking(battles: list[Battle], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Bradley-Terry ratings of every model in `battles` with bootstrap 95% intervals, the models from best to
+    worst, and head_to_head() of each pair that met (the better-rated model first)."""
+    scored = [(b.model_a, b.model_b, b.score_a()) for b in battles]
+    ratings = bradley_terry(scored)
+    order = sorted(ratings, key=lambda m: -ratings[m])
+    met = {tuple(sorted((b.model_a, b.model_b), key=order.index)) for b in battles}
+    return {
+        "order": order,
+        "bradley_terry": ratings,
+        "bradley_terry_95": bradley_terry_intervals(scored, n_boot=n_boot, seed=seed),
+        "battles_of": {m: sum(m in (b.model_a, b.model_b) for b in battles) for m in order},
+        "pairs": [{"first": a, "second": b, **head_to_head(battles, a, b, seed=seed)}
+                  for a, b in sorted(met, key=lambda p: (order.index(p[0]), order.index(p[1])))],
+    }
+
+
+def summarise(battles: list[Battle], tuned: str, base: str, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Everything the leaderboard shows: the vote counts, the tuned-vs-base statistics (head_to_head), and with
+    more than two models the ranking() of them all."""
+    kinds = {w: 0 for w in WINNERS}
+    for b in battles:
+        kinds[b.winner] += 1
+    h = head_to_head(battles, tuned, base, n_boot=n_boot, seed=seed)
+    h["mean_len_tuned"], h["mean_len_base"] = h.pop("mean_len_first"), h.pop("mean_len_second")
+    out = {"battles": len(battles), "votes": kinds, "tuned": tuned, "base": base, **h}
     models = {m for b in battles for m in (b.model_a, b.model_b)}
     if len(models) > 2:
-        out["bradley_terry"] = bradley_terry([(b.model_a, b.model_b, b.score_a()) for b in battles])
+        out.update(ranking(battles, seed=seed))
     return out

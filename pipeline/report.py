@@ -119,7 +119,7 @@ def plot_metrics(metrics: dict, out: Path) -> Path | None:
 
 
 def arena_section(run_dir: Path, domain: str) -> list[list[str]] | None:
-    """The arena leaderboard (tuned vs base) as table rows when votes exist."""
+    """The arena leaderboard (tuned vs base, and the ranking of all contestants) as table rows when votes exist."""
     db = arena_db(run_dir)
     if not db.is_file():
         return None
@@ -132,7 +132,7 @@ def arena_section(run_dir: Path, domain: str) -> list[list[str]] | None:
     def interval(pair):
         return f"{pair[0]:.3f} – {pair[1]:.3f}"
 
-    return [
+    rows = [
         ["battles voted (tuned vs base)", str(s["n"])],
         ["tuned wins / losses / ties", f"{s['wins']} / {s['losses']} / {s['ties']}"],
         ["win rate (ties as half)", fmt(s["win_rate"])],
@@ -141,6 +141,11 @@ def arena_section(run_dir: Path, domain: str) -> list[list[str]] | None:
         ["sign test p (decisive votes)", fmt(s["sign_test_p"])],
         ["length-controlled win rate", fmt(s["lc_win_rate"])],
     ]
+    if "order" in s:  # more than two models battled (serve.contestants): their ranking
+        ranks = [f"{m} {s['bradley_terry'][m]:.0f} [{s['bradley_terry_95'][m][0]:.0f}, "
+                 f"{s['bradley_terry_95'][m][1]:.0f}]" for m in s["order"]]
+        rows.append(["Bradley-Terry ranking (Elo scale, bootstrap 95%)", "; ".join(ranks)])
+    return rows
 
 
 def model_card(pack, metrics: dict, run_dir: Path) -> str:

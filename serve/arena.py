@@ -1,13 +1,16 @@
-"""The arena: blind side-by-side battles between the tuned and the base model, rated by people.
+"""The arena: blind side-by-side battles between the tuned and the base model (and any other contestants of
+serve.contestants), rated by people.
 
-Battle tab: the same conversation goes to both models with identical sampling settings, sides are drawn
-at random per battle, both answers stream side by side with the names hidden; the vote buttons (A, B,
-tie, both bad) open once both answers are complete; the vote is committed to SQLite before the names are
-revealed. Chat tab: the tuned model alone. Leaderboard tab: the statistics of core/stats.py.
+Battle tab: a pair of contestants is drawn per battle (uniformly over the pairs), the same conversation goes
+to both with identical sampling settings, sides are drawn at random per battle, both answers stream side by
+side with the names hidden; the vote buttons (A, B, tie, both bad) open once both answers are complete; the
+vote is committed to SQLite before the names are revealed. Chat tab: the tuned model alone. Leaderboard tab:
+the statistics of core/stats.py (a Bradley-Terry ranking beside each pair's win rates with more than two).
 
     python -m serve.arena --domain finance --tuned-url http://127.0.0.1:8000/v1 \\
         --base-url http://127.0.0.1:8001/v1 --api-key-file runs/finance/serve/api_key
     python -m serve.arena --domain finance ... serve.max_tokens=128     # pack overrides, as in make
+    python -m serve.arena --domain finance ... --contestant sft finance-sft http://127.0.0.1:8002/v1
 
 Login: with users in ARENA_USERS="ada:pw,bob:pw2" or a users file (serve.arena_users_file, else
 runs/<domain>/serve/arena_users, `name:password` lines) the arena asks for Gradio's login and the rater is the
@@ -224,9 +227,16 @@ def load_arena(args) -> Arena:
         api_key = os.environ.get("API_KEY", "EMPTY")
     tuned_client = make_client(args.tuned_url, api_key)
     base_client = tuned_client if args.base_url == args.tuned_url else make_client(args.base_url, api_key)
+    clients = {args.tuned_url: tuned_client, args.base_url: base_client}
+    for _, _, url in args.contestant:  # one client per server: contestants may share one under several names
+        clients.setdefault(url, make_client(url, api_key))
     store = Store(db_path(pack.name), max_votes_per_rater=pack.serve.arena_max_votes_per_rater,
                   min_seconds_between_votes=pack.serve.arena_min_seconds_between_votes)
-    return Arena(pack=pack, store=store,
+    others = [Side(role, model, url, clients[url]) for role, model, url in args.contestant]
+    roles = ["tuned", "base", *(o.role for o in others)]
+    if len(set(roles)) < len(roles):
+        raise PackError(f"--contestant roles must differ from each other and from tuned and base, got {roles}")
+    return Arena(pack=pack, store=store, others=others,
                  tuned=Side("tuned", args.tuned_model or pack.name, args.tuned_url, tuned_client),
                  base=Side("base", args.base_model or f"{pack.name}-base", args.base_url, base_client))
 
@@ -240,8 +250,9 @@ def serve(args) -> None:
         raise PackError(f"--host {host} serves the arena beyond this machine, so it needs logins: set "
                         "ARENA_USERS='name:password,...' or write `name:password` lines in "
                         f"{show_path(serve_dir(run_dir(arena.pack.name)) / 'arena_users')}")
-    print(f"arena: tuned {arena.tuned.model} @ {arena.tuned.url}, base {arena.base.model} @ {arena.base.url}; "
-          f"votes -> {show_path(arena.store.path)}; "
+    others = "".join(f", {o.role} {o.model} @ {o.url}" for o in arena.others)
+    print(f"arena: tuned {arena.tuned.model} @ {arena.tuned.url}, base {arena.base.model} @ {arena.base.url}"
+          f"{others}; votes -> {show_path(arena.store.path)}; "
           + (f"login for {len(users)} users from {source}" if users else "no login (loopback only)"), flush=True)
     demo = build_app(arena, login=bool(users))
     demo.queue(default_concurrency_limit=64).launch(
@@ -257,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-url", required=True, help="OpenAI-compatible base URL of the base model, …/v1")
     ap.add_argument("--tuned-model", help="served name of the tuned model (default: the domain)")
     ap.add_argument("--base-model", help="served name of the base model (default: <domain>-base)")
+    ap.add_argument("--contestant", nargs=3, action="append", default=[], metavar=("ROLE", "MODEL", "URL"),
+                    help="a further contestant: its role (sft, round1, ...), served model name and …/v1 URL; "
+                         "repeat for each (serve.contestants beyond final and base)")
     ap.add_argument("--api-key-file", help="file holding the servers' API key (default: $API_KEY)")
     ap.add_argument("--host", default=None, help="address to bind (default: the pack's serve.host)")
     ap.add_argument("--port", type=int, default=None, help="port (default: the pack's serve.arena_port)")

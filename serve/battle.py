@@ -1,6 +1,8 @@
-"""Blind battles between the tuned and the base model, without any UI: the arena's logic on its own.
+"""Blind battles between the arena's contestants (tuned, base and any others of serve.contestants), without any
+UI: the arena's logic on its own.
 
-A battle is one conversation that gets one vote. Which model sits on side A is drawn per battle and hidden
+A battle is one conversation that gets one vote. Which pair of contestants battles is drawn per battle,
+uniformly over the pairs (with two contestants, always tuned vs base); which of them sits on side A is drawn and hidden
 until the vote; both sides get the same conversation and the same sampling settings with one seed; both
 answers stream at once. The vote is committed to SQLite (core.votes.Store) before the names are revealed.
 A request the battle cannot take now raises BattleError, whose message is meant for the rater; a prompt that
@@ -15,6 +17,7 @@ OpenAI-compatible server. The usual sequence, as the Battle tab runs it:
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import random
 import threading
@@ -24,8 +27,10 @@ from dataclasses import dataclass, field
 
 from core.chat import content_text, with_system
 from core.schema import Pack
+from core.stats import ranking, summarise
 from core.votes import Store, VoteError
 from serve.crisis import crisis_reply
+from serve.leaderboard import render
 
 VOTE_LABELS = {"model_a": "A is better", "model_b": "B is better", "tie": "Tie", "tie (bothbad)": "Both are bad"}
 TAGS = ("a", "b")
@@ -43,7 +48,7 @@ class CrisisReply(Exception):
 class Side:
     """One served model as the arena talks to it."""
 
-    role: str  # "tuned" or "base"
+    role: str  # "tuned", "base", or another contestant's role (core/contestants.py): sft, round1, ...
     model: str  # served model name
     url: str
     client: object = field(repr=False)  # openai.OpenAI
@@ -96,7 +101,7 @@ class Battle:
     """One blind conversation as its rater sees it (kept in the rater's session, one per browser tab)."""
 
     id: str
-    roles: dict[str, str]  # side tag ("a"/"b") -> "tuned"/"base"
+    roles: dict[str, str]  # side tag ("a"/"b") -> the contestant's role ("tuned", "base", "sft", ...)
     models: dict[str, str]  # side tag -> served model name
     sampling: dict  # sent as is to both sides, seed included
     turns: list[Turn] = field(default_factory=list)
@@ -129,15 +134,25 @@ class Battle:
 
 @dataclass
 class Arena:
-    """The pack, the two served models and the vote store, shared by every rater's battles."""
+    """The pack, the served models and the vote store, shared by every rater's battles. The contestants are
+    tuned, base and the `others` of serve.contestants; each battle is one pair of them."""
 
     pack: Pack
     tuned: Side
     base: Side
     store: Store
+    others: list[Side] = field(default_factory=list)
+
+    def __post_init__(self):
+        roles = [c.role for c in self.contestants]
+        assert len(set(roles)) == len(roles), f"contestants' roles must differ: {roles}"
+
+    @property
+    def contestants(self) -> list[Side]:
+        return [self.tuned, self.base, *self.others]
 
     def side(self, role: str) -> Side:
-        return self.tuned if role == "tuned" else self.base
+        return next(c for c in self.contestants if c.role == role)
 
     @property
     def sampling(self) -> dict:
@@ -152,7 +167,9 @@ class Arena:
     # ------------------------------------------------------------------------------------- battle
 
     def start(self, rater: str) -> Battle:
-        roles = ["tuned", "base"]
+        # Every pair of contestants equally often (uniform over pairs, as Chatbot Arena's default sampling), so
+        # that each pair's win rate gathers votes as fast as any other's; then the sides, drawn per battle.
+        roles = [c.role for c in random.choice(list(itertools.combinations(self.contestants, 2)))]
         random.shuffle(roles)  # blind: which model sits on side A is drawn per battle
         sampling = dict(self.sampling, seed=random.randrange(2 ** 31))  # one seed, sent to both sides
         models = {"a": self.side(roles[0]).model, "b": self.side(roles[1]).model}
@@ -268,43 +285,8 @@ class Arena:
     # -------------------------------------------------------------------------------- leaderboard
 
     def leaderboard(self) -> str:
-        """The statistics of core.stats over every vote in the store, as markdown."""
-        s = self.store.summary(self.tuned.model, self.base.model)
-        v = s["votes"]
-        if s["votes_needed"] is None:
-            need = "–" if s["wins"] + s["losses"] == 0 else "never at exactly 50%"
-        elif s["votes_needed"] == 0:
-            need = "already separated from 50% (p < 0.05)"
-        else:
-            need = f"about {s['votes_needed']} more decisive votes at the current rate"
-        rows = [
-            ("Battles (voted)", f"{s['battles']}"),
-            ("Votes by kind", f"A better {v['model_a']} · B better {v['model_b']} · tie {v['tie']} · "
-                              f"both bad {v['tie (bothbad)']}"),
-            ("Tuned wins / losses / ties", f"{s['wins']} / {s['losses']} / {s['ties']}  (of {s['n']} tuned-vs-base)"),
-            ("**Win rate of tuned** (ties as half)", f"**{pct(s['win_rate'])}**"),
-            ("Wilson 95% interval", interval(s["wilson_95"])),
-            ("Bootstrap 95% interval (battles resampled)", interval(s["bootstrap_95"])),
-            ("Decisive win rate", pct(s["decisive_win_rate"])),
-            ("Sign test, exact two-sided p", f"{s['sign_test_p']:.3g}"),
-            ("Length-controlled win rate", f"{pct(s['lc_win_rate'])} (mean answer: tuned "
-                                           f"{s['mean_len_tuned']:.0f} chars, base {s['mean_len_base']:.0f})"
-             if s["n"] else "–"),
-            ("Left-side (A) preference", f"A chosen in {pct(s['left_share'])} of decisive votes "
-                                         f"(p = {s['left_p']:.3g}; a small p means raters favour the left side)"),
-            ("To separate from 50%", need),
-        ]
-        out = [f"### Tuned `{s['tuned']}` vs base `{s['base']}`", "", "| statistic | value |", "|---|---|"]
-        out += [f"| {k} | {val} |" for k, val in rows]
-        if "bradley_terry" in s:
-            out += ["", "#### Bradley-Terry ratings (Elo scale)", "", "| model | rating |", "|---|---|"]
-            out += [f"| `{m}` | {r:.0f} |" for m, r in sorted(s["bradley_terry"].items(), key=lambda kv: -kv[1])]
-        return "\n".join(out)
-
-
-def pct(x: float) -> str:
-    return "–" if x != x else f"{100 * x:.1f}%"  # NaN (no votes yet) as a dash
-
-
-def interval(ci: tuple[float, float]) -> str:
-    return "–" if ci[0] != ci[0] else f"[{pct(ci[0])}, {pct(ci[1])}]"
+        """The statistics of core.stats over every vote in the store, as markdown (serve/leaderboard.py)."""
+        battles = self.store.stats_battles()
+        s = summarise(battles, self.tuned.model, self.base.model)
+        rank = s if "order" in s else ranking(battles) if len(self.contestants) > 2 and battles else None
+        return render(s, rank, [(c.model, c.role) for c in self.contestants])

@@ -1,5 +1,5 @@
-"""Serve a domain: vLLM's OpenAI-compatible server for the tuned (merged) model and one for the base model,
-then the Gradio arena, all protected by one API key.
+"""Serve a domain: vLLM's OpenAI-compatible server for the tuned (merged) model, one for the base model (and
+one for each further arena contestant, serve/lineup.py), then the Gradio arena, all protected by one API key.
 
     python -m serve serve --domain finance            # foreground: Ctrl-C or SIGTERM stops every child
     python -m serve serve --domain finance --detach   # start, wait until ready, return (make serve DETACH=1)
@@ -34,6 +34,8 @@ from core import layout
 from core.errors import PackError, show_path
 from core.layout import REPO
 from core.schema import Pack
+from core.stages import MODEL_STAGES
+from serve import lineup
 from serve.auth import arena_users, is_loopback
 from serve.crisis import guard_env
 from serve.engine import cpu_split, is_ready, on_cuda, start_vllm, url_host, wait_ready
@@ -142,7 +144,7 @@ def signature(pack: Pack, run_dir: Path, overrides: list[str]) -> str:
     key = os.environ.get("API_KEY", "").strip() or (
         (serve_dir / "api_key").read_text().strip() if (serve_dir / "api_key").is_file() else "")
     blob = json.dumps({"stages": {s: (layout.read_stage(run_dir, s) or {}).get("fingerprint")
-                                  for s in ("base", "merge")},
+                                  for s in MODEL_STAGES},
                        "serve": pack.serve.model_dump(mode="json"), "system_prompt": pack.system_prompt,
                        "endpoints": endpoints(pack), "overrides": list(overrides), "key": key,
                        "arena_users": os.environ.get("ARENA_USERS", "")}, sort_keys=True, default=str)
@@ -196,49 +198,50 @@ def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -
     gate = check_benchmark_gate(pack, run_dir)
     if gate:
         say(gate)
-    tuned_dir = layout.model_dir(run_dir, "merge")  # PackError telling to run `make domain=x merge` when absent
-    base_dir = layout.model_dir(run_dir, "base")
-    summary = check_run(pack, run_dir, tuned_dir)
+    ends = endpoints(pack)
+    # the model folders: PackError telling to run `make domain=x merge` (or the missing stage) when absent
+    servers = lineup.plan(pack, run_dir, ends)
+    summary = check_run(pack, run_dir, servers[0].model)
     say(f"[serve] chat-template parity ok ({summary['conversations']} conversations, end of turn "
         f"{summary['end_of_turn']!r} in EOS ids {summary['eos_ids']})")
 
-    ends = endpoints(pack)
     host, cfg, cuda = ends["host"], pack.serve, on_cuda()
-    wanted = [("tuned", "the tuned model's server"), ("base", "the base model's server"), ("arena", "the arena")]
-    ports = [ends[role][0] for role, _ in wanted]
+    wanted = [(s.port, f"the {s.role} model's server", s.fix) for s in servers]
+    wanted.append((ends["arena"][0], "the arena", ends["arena"][1]))
+    ports = [port for port, _, _ in wanted]
     if len(set(ports)) != len(ports):
-        raise PackError(f"serve ports must differ, got {dict((r, ends[r][0]) for r, _ in wanted)}; "
-                        "set PORT / BASE_PORT / ARENA_PORT or serve.port / serve.base_port / serve.arena_port")
-    for role, what in wanted:
-        check_port_free(host, ends[role][0], what, ends[role][1])
-    if cuda and 2 * cfg.gpu_memory_utilization > 0.95:
-        raise PackError(f"serve.gpu_memory_utilization={cfg.gpu_memory_utilization} is per server and two "
-                        "servers share the GPU: use at most 0.47")
+        raise PackError(f"serve ports must differ, got {', '.join(f'{what} {port}' for port, what, _ in wanted)}; "
+                        "set PORT / BASE_PORT / ARENA_PORT or serve.port / serve.base_port / serve.arena_port "
+                        "(further contestants take the ports after the base model's)")
+    for port, what, fix in wanted:
+        check_port_free(host, port, what, fix)
+    if cuda and len(servers) * cfg.gpu_memory_utilization > 0.95:
+        raise PackError(f"serve.gpu_memory_utilization={cfg.gpu_memory_utilization} is per server and "
+                        f"{len(servers)} servers share the GPU: use at most {0.95 / len(servers):.2f}")
 
-    if cfg.quantization == "int8":
-        from serve.quantize import served_copies
+    if cfg.quantization == "int8":  # every contestant as an int8 copy, so the arena compares like with like
+        from serve.quantize import int8_copy, pack_texts
 
-        tuned_dir, base_dir = served_copies(pack, run_dir, tuned_dir, base_dir, say)
+        calibration, held_out = pack_texts(pack, servers[0].model)
+        for s in servers:
+            s.model = int8_copy(s.model, serve_dir / "int8" / s.role, calibration, held_out, say=say)
     key = api_key(serve_dir)
     tie = not detach
-    names = {"tuned": [pack.name], "base": [f"{pack.name}-base"]}
     say(f"[serve] API key {key} (in {show_path(serve_dir / 'api_key')}, mode 0600; API_KEY sets your own)")
-    say(f"[serve] starting vLLM ({'CUDA' if cuda else 'CPU'}) for {show_path(tuned_dir)} as '{pack.name}' and "
-        f"{show_path(base_dir)} as '{pack.name}-base'; logs in {show_path(serve_dir)}")
-    halves = cpu_split(2)  # on CPU each server computes on its own half of the cores
-    children = [
-        start_vllm("tuned", tuned_dir, names["tuned"], host, ends["tuned"][0], key, cfg,
-                   serve_dir / "tuned.log", cuda, tie, halves[0]),
-        start_vllm("base", base_dir, names["base"], host, ends["base"][0], key, cfg,
-                   serve_dir / "base.log", cuda, tie, halves[1]),
-    ]
+    say(f"[serve] starting vLLM ({'CUDA' if cuda else 'CPU'}) for "
+        + " and ".join(f"{show_path(s.model)} as {', '.join(map(repr, s.names))}" for s in servers)
+        + f"; logs in {show_path(serve_dir)}")
+    shares = cpu_split(len(servers))  # on CPU each server computes on its own share of the cores
+    children = [start_vllm(s.role, s.model, s.names, host, s.port, key, cfg, serve_dir / f"{s.role}.log", cuda,
+                           tie, cpus) for s, cpus in zip(servers, shares)]
     sig = signature(pack, run_dir, overrides)
     write_state(serve_dir, children, detach, sig)
     try:
         wait_ready(children, key, cfg.ready_timeout_s, say)
-        t, b = children
+        t, b = children[:2]
         cmd = [sys.executable, "-m", ARENA_MODULE, "--domain", pack.name, "--tuned-url", t.url,
-               "--base-url", b.url, "--tuned-model", names["tuned"][0], "--base-model", names["base"][0],
+               "--base-url", b.url, "--tuned-model", t.models[0], "--base-model", b.models[0],
+               *lineup.arena_args(servers, [c.url for c in children]),
                "--api-key-file", str(serve_dir / "api_key"), "--host", host,
                "--port", str(ends["arena"][0]), *overrides]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
@@ -249,7 +252,7 @@ def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -
         children.append(spawn("arena", cmd, env, serve_dir / "arena.log",
                               f"http://{url_host(host)}:{ends['arena'][0]}/", [], tie))
         write_state(serve_dir, children, detach, sig)
-        wait_ready(children[2:], key, cfg.ready_timeout_s, say)
+        wait_ready(children[-1:], key, cfg.ready_timeout_s, say)
     except BaseException:
         stop(children)
         state_path(serve_dir).unlink(missing_ok=True)
@@ -264,7 +267,7 @@ def _serve(pack: Pack, run_dir: Path, overrides: list[str], detach: bool, say) -
 def _announce(pack: Pack, children: list[Child], key: str, serve_dir: Path, detach: bool, say) -> None:
     lines = [f"serving '{pack.name}':"]
     for c in children:
-        what = f"model {c.models[0]}" if c.models else "Gradio arena"
+        what = f"model {', '.join(c.models)}" if c.models else "Gradio arena"
         lines.append(f"  {c.role:6} {c.url:32} {what}")
     lines.append(f"  API key {key}   (stored in {show_path(serve_dir / 'api_key')}, mode 0600)")
     t = children[0]

@@ -246,3 +246,38 @@ def test_leaderboard_counts_every_vote(arena):
     board = arena.leaderboard()
     assert "### Tuned `t` vs base `t-base`" in board and "| Battles (voted) | 2 |" in board
     assert "both bad 1" in board
+
+
+def test_three_contestants_battle_in_every_pair_and_the_leaderboard_ranks_them(workspace, server):
+    from collections import Counter
+
+    from serve.battle import Side, make_client
+
+    arena = make_arena(workspace, server)
+    arena.others.append(Side("sft", "t-sft", server.url, make_client(server.url, API_KEY)))
+    before = arena.leaderboard()
+    assert "### Ranking of 3 models (Bradley-Terry)" in before
+    assert "| – | `t-sft` (sft) | no votes yet | – | 0 |" in before and "| Battles (voted) | 0 |" in before
+
+    drawn = [arena.start("ada") for _ in range(300)]
+    pairs = Counter(frozenset(b.roles.values()) for b in drawn)
+    assert set(pairs) == {frozenset(p) for p in (("tuned", "base"), ("tuned", "sft"), ("sft", "base"))}
+    assert all(60 < n < 140 for n in pairs.values())  # uniform over pairs: 100 each, sd 8
+    assert 60 < sum(b.roles["a"] == "sft" for b in drawn) < 140  # on side A in half of its 200 battles
+    stored = query(arena, "SELECT model_a, model_b FROM battles")
+    assert stored == [(b.models["a"], b.models["b"]) for b in drawn]
+
+    better = {"tuned": 3, "sft": 2, "base": 1}  # the raters' taste: tuned over sft over base, always
+    seen = set()
+    while len(seen) < 3 or len(query(arena, "SELECT 1 FROM votes")) < 12:
+        battle = play(arena, None, "What is a bond?")
+        a, b = battle.roles["a"], battle.roles["b"]
+        seen.add(frozenset((a, b)))
+        arena.vote(battle, "model_a" if better[a] > better[b] else "model_b", "ada")
+        assert f"({a})" in battle.reveal() and f"({b})" in battle.reveal()
+    board = arena.leaderboard()
+    rows = [line for line in board.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
+            or line.startswith("| 3 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["`t` (tuned)", "`t-sft` (sft)", "`t-base` (base)"]
+    assert "| `t` vs `t-sft` |" in board and "| `t-sft` vs `t-base` |" in board and "| `t` vs `t-base` |" in board
+    assert "### Tuned `t` vs base `t-base`" in board  # the headline pair's detail, below the ranking

@@ -348,3 +348,28 @@ def test_chat_template_file_is_checked(workspace, content, expected):
     if content is not None:
         (folder / "chat.jinja").write_bytes(content)
     assert problems_of("toy") == ([expected] if expected else [])
+
+
+def test_serve_contestants_are_stages_or_earlier_rounds_with_final_and_base(workspace):
+    from core import contestants
+
+    make_pack(workspace, "toy", "name: toy\n")
+    assert load_pack("toy").serve.contestants == ["final", "base"]  # the two-model arena of before
+    pack = load_pack("toy", ["serve.contestants=[final, base, sft, r1=../../runs/toy-r1/merge]"])
+    parsed = [contestants.parse(e) for e in pack.serve.contestants]
+    assert [(c.role, c.stage, c.path) for c in parsed] == [
+        ("tuned", "merge", None), ("base", "base", None), ("sft", "sft", None), ("r1", None, "../../runs/toy-r1/merge")]
+    assert [c.served_name("toy") for c in parsed] == ["toy", "toy-base", "toy-sft", "toy-r1"]
+    with pytest.raises(PackError) as e:
+        load_pack("toy", ["serve.contestants=[final, sft]"])
+    assert e.value.problems == [
+        "override 'serve.contestants=[final, sft]': serve.contestants: add base: the arena always has the final and "
+        "the base model (the API's two models), e.g. [final, base, sft] (got ['final', 'sft'])"]
+    make_pack(workspace, "bad", "name: bad\nserve:\n  contestants: [final, base, merge, sft, sft, Old=x, arena=y, z]\n")
+    with pytest.raises(PackError) as e:
+        load_pack("bad")
+    [problem] = e.value.problems
+    assert problem.startswith("domains/bad/pack.yaml:3: serve.contestants: 'merge': write final for the merged model; ")
+    for part in ("'Old=x': the name 'Old' is not a plain lower-case name", "'arena=y': the name 'arena' is reserved",
+                 "'z' is neither a model stage (final, base, cpt, sft, pref) nor name=path", "sft given twice"):
+        assert part in problem

@@ -147,3 +147,76 @@ def test_summarise_from_the_tuned_models_point_of_view():
     assert "bradley_terry" not in s
     s3 = stats.summarise(battles + [B("tuned", "other", "model_a")], "tuned", "base", n_boot=200)
     assert set(s3["bradley_terry"]) == {"tuned", "base", "other"}
+
+
+def three_models(n: int = 900, seed: int = 4):
+    rng = np.random.default_rng(seed)
+    true = {"x": 1.0, "y": 0.0, "z": -1.0}
+    battles = []
+    for _ in range(n):
+        a, b = rng.choice(list(true), 2, replace=False)
+        p = 1 / (1 + math.exp(-(true[a] - true[b])))
+        u = rng.random()
+        winner = "model_a" if u < p * 0.9 else "tie" if u < p * 0.9 + 0.1 else "model_b"
+        battles.append(stats.Battle(str(a), str(b), winner, int(rng.integers(50, 150)), int(rng.integers(50, 150))))
+    return battles
+
+
+def test_bradley_terry_agrees_with_a_logistic_regression_without_intercept():
+    """The fit on aggregated outcome counts equals statsmodels' logit of a's score on +1/-1 model indicators
+    (ties as half a win: each tie is a win and a loss of weight 1/2), up to our weak ridge."""
+    import statsmodels.api as sm
+
+    battles = [(b.model_a, b.model_b, b.score_a()) for b in three_models()]
+    models = ["x", "y", "z"]
+    X, y, w = [], [], []
+    for a, b, s in battles:
+        row = [0.0, 0.0]  # z is the reference (log-strength 0)
+        for m, sign in ((a, 1.0), (b, -1.0)):
+            if m != "z":
+                row[models.index(m)] = sign
+        for outcome, weight in ((1.0, s), (0.0, 1 - s)):
+            if weight:
+                X.append(row), y.append(outcome), w.append(weight)
+    fit = sm.GLM(np.array(y), np.array(X), family=sm.families.Binomial(), freq_weights=np.array(w)).fit()
+    theta = np.array([*fit.params, 0.0])
+    elo = 1000 + 400 / math.log(10) * (theta - theta.mean())
+    ours = stats.bradley_terry(battles)
+    assert [ours[m] for m in models] == pytest.approx(list(elo), abs=1.0)
+
+
+def test_bradley_terry_bootstrap_intervals_bracket_the_ratings_and_narrow_with_votes():
+    battles = [(b.model_a, b.model_b, b.score_a()) for b in three_models()]
+    ratings = stats.bradley_terry(battles)
+    ci = stats.bradley_terry_intervals(battles, n_boot=200, seed=3)
+    assert ci == stats.bradley_terry_intervals(battles, n_boot=200, seed=3)  # fixed seed: the page does not flicker
+    for m, (lo, hi) in ci.items():
+        assert lo < ratings[m] < hi
+    assert ci["x"][0] > ci["y"][1] and ci["y"][0] > ci["z"][1]  # 900 battles separate a logit step of 1
+    few = stats.bradley_terry_intervals(battles[:60], n_boot=200, seed=3)
+    assert all(few[m][1] - few[m][0] > ci[m][1] - ci[m][0] for m in ci)
+    # same thing written out: resample whole battles, refit, take the percentiles
+    rng, draws = np.random.default_rng(11), []
+    for _ in range(200):
+        sample = [battles[i] for i in rng.integers(0, len(battles), len(battles))]
+        draws.append([stats.bradley_terry(sample)[m] for m in ("x", "y", "z")])
+    lo, hi = np.quantile(np.array(draws), [0.025, 0.975], axis=0)
+    for i, m in enumerate(("x", "y", "z")):
+        assert ci[m] == pytest.approx((lo[i], hi[i]), abs=25)  # two bootstraps of 200 rounds agree to Monte Carlo noise
+
+
+def test_ranking_orders_contestants_and_gives_every_pair_its_win_rates():
+    battles = three_models()
+    r = stats.ranking(battles)
+    assert r["order"] == ["x", "y", "z"]
+    assert sum(r["battles_of"].values()) == 2 * len(battles)
+    pairs = {(p["first"], p["second"]): p for p in r["pairs"]}
+    assert set(pairs) == {("x", "y"), ("x", "z"), ("y", "z")}  # the better-rated model first
+    xy = pairs[("x", "y")]
+    direct = stats.head_to_head(battles, "y", "x")
+    assert xy["win_rate"] == pytest.approx(1 - direct["win_rate"]) and xy["n"] == direct["n"]
+    assert (xy["wins"], xy["losses"]) == (direct["losses"], direct["wins"])
+    assert xy["win_rate"] > 0.6 and pairs[("x", "z")]["win_rate"] > xy["win_rate"]
+    assert 0.5 < xy["lc_win_rate"] < 1 and xy["wilson_95"][0] < xy["win_rate"] < xy["wilson_95"][1]
+    s = stats.summarise(battles, "x", "z", n_boot=200)  # the tuned-vs-base table still reads one pair
+    assert s["n"] == pairs[("x", "z")]["n"] and s["order"] == ["x", "y", "z"] and "bradley_terry_95" in s

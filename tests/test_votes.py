@@ -203,6 +203,43 @@ def test_exported_pairs_train_through_the_pref_stage(workspace, tiny_model_dir, 
     assert all(p["chosen"].startswith("Bond") and p["rejected"] == "yes totally safe" for p in pairs)
 
 
+@pytest.mark.slow
+def test_exported_votes_train_kto_with_the_both_bad_answers(workspace, tiny_model_dir, capsys):
+    """Votes -> export -> the snippet with its kto line -> `make pref pref.method=kto` trains on pairs and rows."""
+    from pipeline import runner
+
+    make_pack(workspace, "fin", f"""
+        name: fin
+        system_prompt: {SYSTEM}
+        base: {{model: {tiny_model_dir}}}
+        cpt: {{enabled: false}}
+        sft: {{enabled: false}}
+        pref:
+          method: kto
+          learning_rate: 1.0e-3
+          max_length: 128
+          max_steps: 2
+          logging_steps: 1
+          per_device_train_batch_size: 2
+          eval_fraction: 0.25
+        """)
+    store = Store(votes.db_path("fin"))
+    for i in range(6):
+        careful, careless = f"Bond {i} carries credit risk; check its rating.", "yes totally safe"
+        store.vote(battle(store, [f"Is bond {i} safe?"], [careful], [careless]), "model_a", "ada")
+    for i in range(4):
+        store.vote(battle(store, [f"Is stock {i} safe?"], ["always"], ["never"]), "tie (bothbad)", "ada")
+    assert pairs_cli.main(["export", "--domain", "fin"]) == 0
+    printed = capsys.readouterr().out
+    entries = printed[printed.index("    - {path:"):].replace("    # - {path:", "    - {path:")
+    pack_file = workspace / "domains" / "fin" / "pack.yaml"
+    pack_file.write_text(pack_file.read_text().replace("pref:\n", f"pref:\n  datasets:\n{entries}\n"))
+    runner.run(load_pack("fin"), "pref")
+    m = json.loads((workspace / "runs" / "fin" / "pref" / "stage.json").read_text())["metrics"]
+    assert m["method"] == "kto" and m["steps"] == 2
+    assert m["train_rows"] + m["eval_rows"] == 6 * 2 + 4 * 2  # a pair is two rows, a both-bad vote two false ones
+
+
 def test_a_vote_needs_complete_non_empty_answers_on_both_sides(tmp_path):
     store = Store(tmp_path / "arena.sqlite")
     with pytest.raises(VoteError, match="no prompt yet"):
@@ -268,3 +305,62 @@ def test_export_skips_and_counts_unusable_pairs(workspace, capsys):
             "1 identical answers)") in out
     pairs = (workspace / "runs" / "fin" / "votes" / "pairs.jsonl").read_text().splitlines()
     assert [json.loads(p)["battle_id"] for p in pairs] == [good]
+
+
+def test_both_bad_votes_export_as_kto_rows_that_a_kto_pack_loads(workspace, capsys):
+    make_pack(workspace, "fin", "name: fin\nsystem_prompt: You are a finance tutor.\npref:\n  method: kto\n")
+    store = Store(votes.db_path("fin"))
+    good = battle(store, ["What is a bond?"], ["A loan you make to an issuer."], ["A share of a company."])
+    bad = battle(store, ["Define APR."], ["Apples per row."], ["A planet."])
+    multi = battle(store, ["What is a yield?", "And duration?"], ["Fruit.", "A while."], ["Bread.", "Ages."],
+                   models=("fin", "fin-sft"))
+    same = battle(store, ["Hi"], ["Go away."], ["Go away."])
+    tie = battle(store, ["Tie?"], ["x"], ["y"])
+    store.vote(good, "model_a", "ada")
+    for bid in (bad, multi, same):
+        store.vote(bid, "tie (bothbad)", "bo")
+    store.vote(tie, "tie", "bo")  # a tie is no signal either way
+    errored = battle(store, ["q"], ["x"], ["y"])  # as an older arena stored it: a failed answer, then a vote
+    store.add_generation(errored, 0, "a", "fin", "x", attempt=1, error="timeout")
+    con = sqlite3.connect(store.path)
+    con.execute("INSERT INTO votes VALUES (?, 'tie (bothbad)', 'old', 1.0)", (errored,))
+    con.commit()
+    con.close()
+
+    assert pairs_cli.main(["export", "--domain", "fin"]) == 0
+    printed = capsys.readouterr().out
+    assert ("5 rated answers (both-bad votes, label false; for pref.method=kto) (1 votes skipped: an errored or "
+            "empty answer) -> runs/fin/votes/kto.jsonl") in printed
+    rows = [json.loads(line) for line in (workspace / "runs" / "fin" / "votes" / "kto.jsonl").open()]
+    assert [(r["prompt"], r["completion"], r["label"], r["model"]) for r in rows[:2]] == [
+        ("Define APR.", "Apples per row.", False, "fin"), ("Define APR.", "A planet.", False, "fin-base")]
+    # multi-turn: the shared start as the prompt, the side's whole continuation as the completion
+    assert rows[2]["prompt"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a yield?"}]
+    assert [m["content"] for m in rows[3]["completion"]] == ["Bread.", "And duration?", "Ages."]
+    assert rows[3]["model"] == "fin-sft" and rows[4]["completion"] == "Go away."  # identical answers: one row
+    assert {r["battle_id"] for r in rows} == {bad, multi, same}
+
+    # The printed snippet with its kto line uncommented: with pref.method kto both files load, pairs and rows.
+    snippet = printed[printed.index("pref:"):].replace("    # - {path:", "    - {path:")
+    pack_file = workspace / "domains" / "fin" / "pack.yaml"
+    pack_file.write_text(pack_file.read_text().replace("pref:\n  method: kto\n", snippet + "\n  method: kto\n"))
+    pack = load_pack("fin")
+    assert [s.path.rsplit("/", 1)[1] for s in pack.sources("pref")] == ["pairs.jsonl", "kto.jsonl"]
+    loaded = load_rows(pack, pack.sources("pref"), "kto", "pref.datasets")
+    assert len(loaded) == 1 + 5 and loaded[0]["chosen"] == "A loan you make to an issuer."
+    assert [r["label"] for r in loaded[1:]] == [False] * 5
+
+
+def test_report_ranks_all_contestants_when_more_than_two_battled(workspace):
+    from core.layout import run_dir
+    from pipeline.report import arena_section
+
+    make_pack(workspace, "fin", "name: fin\n")
+    store = Store(votes.db_path("fin"))
+    for models, kind in [(("fin", "fin-base"), "model_a"), (("fin-sft", "fin-base"), "model_a"),
+                         (("fin", "fin-sft"), "model_a"), (("fin", "fin-base"), "tie")]:
+        store.vote(battle(store, ["q"], ["a"], ["b"], models=models), kind, "ada")
+    rows = dict(arena_section(run_dir("fin"), "fin"))
+    assert rows["battles voted (tuned vs base)"] == "2"
+    ranking = rows["Bradley-Terry ranking (Elo scale, bootstrap 95%)"].split("; ")
+    assert [r.split()[0] for r in ranking] == ["fin", "fin-sft", "fin-base"]
