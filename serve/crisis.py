@@ -5,6 +5,9 @@ detector the pack names in `serve.crisis_detector`:
 - learned (default; offline, about a millisecond on a CPU): logistic regression over hashed word, character
   and concept n-grams, trained on domains/counseling/data/crisis_train.jsonl and crisis_examples.jsonl. Its
   weights and threshold are serve/crisis_model.npz; `python -m serve.crisis train` rebuilds them.
+- ensemble (the counseling pack's; offline): the learned probability averaged with a head on the embedded
+  SmolLM2-135M's hidden states (serve/crisis_embed.py, serve/crisis_embed.npz); higher recall, a forward pass
+  of the 135M model a message. When SmolLM2 cannot load, the learned detector decides and the audit says why.
 - served: a guard model (Llama Guard 3/4, Qwen3Guard) served by vLLM at `serve.crisis_guard_url`, asked
   through an OpenAI-compatible chat completion; "unsafe" with the self-harm category (Llama Guard S11)
   means risk. When it fails, the learned detector decides and the audit line says why.
@@ -19,7 +22,7 @@ Where it runs:
 Each decision is audited without the message text: one JSON line to the logger "crisis_guard" and, when
 CRISIS_AUDIT_LOG names a file, appended to it (the launcher uses runs/<domain>/serve/crisis_audit.jsonl).
 
-    python -m serve.crisis train             # retrain serve/crisis_model.npz (deterministic)
+    python -m serve.crisis train             # retrain serve/crisis_model.npz and crisis_embed.npz
     python -m serve.crisis cv                # cross-validated recall and false alarms on the training data
     python -m serve.crisis evaluate FILE     # recall and false alarms with Wilson 95% intervals, per language
 
