@@ -146,7 +146,7 @@ class EmbedHead:
                            zipfile.ZIP_DEFLATED)
 
     @classmethod
-    def load(cls, path: Path) -> "EmbedHead":
+    def load(cls, path: Path) -> EmbedHead:
         with np.load(path, allow_pickle=False) as z:
             return cls(z["mean"], z["std"], z["weight"], float(z["bias"]), float(z["threshold"]),
                        str(z["data_sha256"]))
