@@ -268,10 +268,12 @@ class ServeStage(Strict):
     max_tokens: int = Field(512, gt=0)
     crisis_guard: bool = Field(False, description="fixed crisis-line reply to self-harm risk (arena and API)")
     crisis_locale: Literal["US", "EU", "UK", "IT"] = Field("US", description="which crisis lines come first")
-    crisis_detector: Literal["learned", "served"] = Field(
-        "learned", description="learned: the offline classifier in serve/crisis_model.npz (CPU, ~1 ms); served: a "
-                               "guard model (Llama Guard 3/4, Qwen3Guard) behind crisis_guard_url, the learned one "
-                               "deciding when it fails; regular expressions back up either")
+    crisis_detector: Literal["learned", "ensemble", "served"] = Field(
+        "learned", description="learned: the offline classifier in serve/crisis_model.npz (CPU, ~1 ms); ensemble: "
+                               "it averaged with a head on the embedded SmolLM2's hidden states (offline, ~0.5 GB, "
+                               "a CPU fraction of a second a message); served: a guard model (Llama Guard 3/4, "
+                               "Qwen3Guard) behind crisis_guard_url; learned decides when either fails; regular "
+                               "expressions back up all three")
     crisis_guard_url: str = Field("", description="served: the guard's OpenAI-compatible base URL, e.g. "
                                                   "http://127.0.0.1:8002/v1 (key, if any, in CRISIS_GUARD_API_KEY)")
     crisis_guard_model: str = Field("", description="served: the guard's model name there, e.g. "

@@ -5,6 +5,9 @@ detector the pack names in `serve.crisis_detector`:
 - learned (default; offline, about a millisecond on a CPU): logistic regression over hashed word, character
   and concept n-grams, trained on domains/counseling/data/crisis_train.jsonl and crisis_examples.jsonl. Its
   weights and threshold are serve/crisis_model.npz; `python -m serve.crisis train` rebuilds them.
+- ensemble (the counseling pack's; offline): the learned probability averaged with a head on the embedded
+  SmolLM2-135M's hidden states (serve/crisis_embed.py, serve/crisis_embed.npz); higher recall, a forward pass
+  of the 135M model a message. When SmolLM2 cannot load, the learned detector decides and the audit says why.
 - served: a guard model (Llama Guard 3/4, Qwen3Guard) served by vLLM at `serve.crisis_guard_url`, asked
   through an OpenAI-compatible chat completion; "unsafe" with the self-harm category (Llama Guard S11)
   means risk. When it fails, the learned detector decides and the audit line says why.
@@ -19,7 +22,7 @@ Where it runs:
 Each decision is audited without the message text: one JSON line to the logger "crisis_guard" and, when
 CRISIS_AUDIT_LOG names a file, appended to it (the launcher uses runs/<domain>/serve/crisis_audit.jsonl).
 
-    python -m serve.crisis train             # retrain serve/crisis_model.npz (deterministic)
+    python -m serve.crisis train             # retrain serve/crisis_model.npz and crisis_embed.npz
     python -m serve.crisis cv                # cross-validated recall and false alarms on the training data
     python -m serve.crisis evaluate FILE     # recall and false alarms with Wilson 95% intervals, per language
 
@@ -39,6 +42,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.crisis_embed import EMBED_PATH, EncoderMissing, embed_head, ensemble_score, train_head
 from serve.crisis_model import (
     FOLDS,
     MODEL_PATH,
@@ -119,10 +123,10 @@ audit_log = logging.getLogger("crisis_guard")
 @dataclass
 class Decision:
     risk: bool
-    score: float             # learned: the highest probability among the texts; served: 1.0 unsafe S11, else 0.0
-    detector: str            # the one that decided: learned | served
+    score: float             # learned/ensemble: the highest probability among the texts; served: 1.0 unsafe S11
+    detector: str            # the one that decided: learned | ensemble | served
     backstop: bool           # the regular expressions fired
-    fallback: str | None = None   # why the served guard was not used
+    fallback: str | None = None   # why the chosen detector (served, ensemble) was not used
 
 
 @dataclass
@@ -154,7 +158,14 @@ class Guard:
                 # the exception names the error, never the message (URLError, HTTPError, JSON position)
                 fallback = f"served guard failed ({type(e).__name__}: {str(e)[:120]}); learned detector used"
         model = learned_model()
-        score = max((model.score(t) for t in texts), default=0.0)
+        scores = [model.score(t) for t in texts]
+        if self.detector == "ensemble":
+            try:
+                score = max((ensemble_score(t, s) for t, s in zip(texts, scores)), default=0.0)
+                return Decision(score >= embed_head().threshold or backstop, score, "ensemble", backstop)
+            except (EncoderMissing, FileNotFoundError) as e:
+                fallback = f"ensemble unavailable ({str(e)[:160]}); learned detector used"
+        score = max(scores, default=0.0)
         return Decision(score >= model.threshold or backstop, score, "learned", backstop, fallback)
 
     def check(self, texts: list[str], route: str, request_id: str | None = None) -> Decision:
@@ -243,8 +254,9 @@ def evaluate(path: Path, say=print) -> dict:
     decisions = [guard.decide([r["text"]]) for r in rows]
     used = sorted({d.detector for d in decisions})
     fallbacks = sum(d.fallback is not None for d in decisions)
-    what = f"{'/'.join(used)}, learned threshold {learned_model().threshold:.4f}, + backstop" + (
-        f"; {fallbacks} served-guard failures decided by the learned detector" if fallbacks else "")
+    what = f"{'/'.join(used)}, learned threshold {learned_model().threshold:.4f}" + (
+        f", ensemble threshold {embed_head().threshold:.4f}" if "ensemble" in used else "") + ", + backstop" + (
+        f"; {fallbacks} decided by the learned detector instead ({guard.detector} failed)" if fallbacks else "")
     return report(rows, [d.risk for d in decisions], f"crisis guard ({what}) on {path}", say)
 
 
@@ -253,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m serve.crisis", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="retrain serve/crisis_model.npz from the training files")
+    p = sub.add_parser("train", help="retrain serve/crisis_model.npz and serve/crisis_embed.npz")
     p.add_argument("--out", type=Path, default=MODEL_PATH)
+    p.add_argument("--embed-out", type=Path, default=EMBED_PATH)
+    p.add_argument("--learned-only", action="store_true", help="skip the ensemble's SmolLM2 head")
     sub.add_parser("cv", help="cross-validated recall and false alarms on the training files")
     p = sub.add_parser("evaluate", help="recall and false alarms on a labelled .jsonl (text, risk, lang)")
     p.add_argument("file", type=Path)
@@ -271,17 +285,27 @@ def main(argv: list[str] | None = None) -> int:
         model.save(args.out)
         learned_model.cache_clear()
         print(f"[crisis] wrote {args.out} ({args.out.stat().st_size // 1024} KiB, threshold {model.threshold:.4f})")
+        if not args.learned_only:
+            head, _ = train_head(read_rows(TRAIN_FILES), scores, model.data_sha256)
+            head.save(args.embed_out)
+            embed_head.cache_clear()
+            print(f"[crisis] wrote {args.embed_out} ({args.embed_out.stat().st_size // 1024} KiB, "
+                  f"ensemble threshold {head.threshold:.4f})")
         return 0
     rows = read_rows(TRAIN_FILES)
     scores = out_of_fold(rows)
     threshold = choose_threshold(scores, rows)
-    for name, flagged in [("learned alone", scores >= threshold),
-                          ("backstop alone", [regex_fires(r["text"]) for r in rows]),
-                          ("learned + backstop", [(s >= threshold) or regex_fires(r["text"])
-                                                  for s, r in zip(scores, rows)])]:
-        report(rows, list(flagged), f"{FOLDS}-fold cross-validation, {name} (threshold {threshold:.4f})")
+    backstop = [regex_fires(r["text"]) for r in rows]
+    runs = [("learned alone", scores >= threshold, threshold), ("backstop alone", backstop, threshold),
+            ("learned + backstop", (scores >= threshold) | backstop, threshold)]
+    try:
+        ensemble = train_head(rows, scores, "", say=print)[1]
+        runs.append(("ensemble + backstop", (ensemble >= (t := choose_threshold(ensemble, rows))) | backstop, t))
+    except EncoderMissing as e:
+        print(f"[crisis] no ensemble: {e}")
+    for name, flagged, t in runs:
+        report(rows, list(flagged), f"{FOLDS}-fold cross-validation, {name} (threshold {t:.4f})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

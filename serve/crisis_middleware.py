@@ -97,7 +97,7 @@ class CrisisMiddleware:
         given = next((v for k, v in scope.get("headers") or [] if k.lower() == b"x-request-id"), b"")  # the first
         request_id = given.decode("latin-1")[:128] or uuid.uuid4().hex
         route = "/" + path.strip("/")
-        if self.guard.detector == "served":  # an HTTP call: off the event loop, which serves every stream
+        if self.guard.detector != "learned":  # an HTTP call or a SmolLM2 pass: off the event loop (it serves streams)
             decision = await asyncio.to_thread(self.guard.check, texts, route, request_id)
         else:
             decision = self.guard.check(texts, route, request_id)

