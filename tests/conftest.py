@@ -59,7 +59,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     """The SmolLM2 tokenizer (ChatML template), extracted once from the embedded GGUF."""
     from transformers import AutoTokenizer
 
-    from pipeline.base import embedded_gguf
+    from core.embedded import embedded_gguf
 
     folder, gguf = embedded_gguf()
     out = tmp_path_factory.mktemp("tokenizer")
