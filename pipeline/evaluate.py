@@ -37,7 +37,6 @@ from core.stages import MODEL_STAGES
 from pipeline.fingerprint import stage_config
 
 GENERAL_TEXT = Path(__file__).parent / "assets" / "general_en.txt"
-DEFAULT_BENCHMARK = "data/eval/mc.jsonl"
 BENCH_TASK = "domain_mc"  # the lm-eval task name of the pack's own benchmark
 # Zero-shot, the usual MMLU-style prompt; each choice is scored by its log-likelihood after "Answer:".
 TASK_YAML = """\
@@ -59,12 +58,7 @@ metric_list:
 
 def benchmark_files(pack) -> list[Path]:
     """The pack's multiple-choice files: eval.benchmarks, or by default data/eval/mc.jsonl where it ships one."""
-    from core.schema import Source
-
-    sources = pack.eval.benchmarks
-    if sources is None:
-        shipped = (pack.dir / DEFAULT_BENCHMARK).is_file()
-        sources = [Source(path=DEFAULT_BENCHMARK, licence="permissive")] if shipped else []
+    sources = pack.benchmark_sources()
     problems = []  # every row checked, file:line, before lm-eval sees it
     for src in sources:
         if not src.path or not src.path.endswith(".jsonl"):

@@ -52,7 +52,7 @@ def stage_sources(pack: Pack, stage: str) -> list:
     if stage in TRAIN_STAGES:
         return pack.sources(stage)
     if stage == "eval":
-        return [s for key in EVAL_KIND for s in getattr(pack.eval, key)] + list(pack.eval.benchmarks or [])
+        return [s for key in EVAL_KIND for s in getattr(pack.eval, key)] + pack.benchmark_sources()
     if stage == "merge" and pack.merge.search == "t":
         return [s for key in SEARCH_DATA for s in getattr(pack.eval, key)]
     return []

@@ -284,3 +284,16 @@ def test_a_new_hub_dataset_revision_changes_its_stage_fingerprint(workspace, fak
     assert runner.fingerprint(pack, "cpt", workspace / "runs" / "toy")[0] != first[0]
     pinned = load_pack("toy", ["cpt.hub_datasets.0.revision=" + "c" * 40])
     assert runner.fingerprint(pinned, "cpt", workspace / "runs" / "toy")[1]["hub_data"] == {"org/text[train]": "c" * 40}
+
+
+def test_the_shipped_benchmark_file_counts_in_the_eval_fingerprint(workspace, fake_stages):
+    """A pack's default data/eval/mc.jsonl (no eval.benchmarks key) is eval data: editing it reruns eval."""
+    folder = make_pack(workspace, "toy", PACK, FILES)
+    run_dir = workspace / "runs" / "toy"
+    without = runner.fingerprint(load_pack("toy"), "eval", run_dir)[0]
+    bench = folder / "data" / "eval" / "mc.jsonl"
+    bench.parent.mkdir(parents=True, exist_ok=True)
+    bench.write_text('{"question": "1 + 1?", "choices": ["1", "2"], "answer": 1}\n')
+    shipped = runner.fingerprint(load_pack("toy"), "eval", run_dir)[0]
+    bench.write_text('{"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}\n')
+    assert len({without, shipped, runner.fingerprint(load_pack("toy"), "eval", run_dir)[0]}) == 3
