@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.crisis_model import FOLDS, REPO, fold_of
+from serve.crisis_model import FOLDS, REPO, fold_of, logistic
 
 EMBED_PATH = Path(__file__).with_name("crisis_embed.npz")
 CACHE_PATH = REPO / "runs" / "crisis_embed_cache.npz"
@@ -94,24 +94,8 @@ def encode_all(texts: list[str], say=print) -> np.ndarray:
 
 
 def fit_dense(X: np.ndarray, y: np.ndarray, l2: float = L2) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression on standardised dense vectors, classes weighted equally, L-BFGS
-    from zero (deterministic), as crisis_model.fit does for the sparse n-grams."""
-    from scipy import optimize
-
-    sign = 2.0 * y - 1
-    pos = y.mean()
-    sample = np.where(y == 1, 0.5 / pos, 0.5 / (1 - pos)) / len(y)
-
-    def loss(p):
-        w, b = p[:-1], p[-1]
-        margin = -sign * (X @ w + b)
-        grad = sample * -sign / (1 + np.exp(-margin))
-        return (np.sum(sample * np.logaddexp(0, margin)) + 0.5 * l2 * w @ w,
-                np.concatenate([X.T @ grad + l2 * w, [grad.sum()]]))
-
-    result = optimize.minimize(loss, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B",
-                               options={"maxiter": 5000, "gtol": 1e-9, "ftol": 1e-14})
-    return result.x[:-1], float(result.x[-1])
+    """The head's regression on standardised dense vectors: crisis_model's logistic, as the n-grams use."""
+    return logistic(X, y, l2)
 
 
 def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -186,29 +186,35 @@ def feature_matrix(texts: list[str]):
     return sparse.csr_matrix((vals, (rows, cols)), shape=(len(texts), DIM), dtype=np.float64)
 
 
-def fit(X, y: np.ndarray, l2: float = L2) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression, both classes weighted equally, by L-BFGS from zero (deterministic).
-    Features never seen in training keep weight 0, so only the seen columns are optimised."""
+def logistic(X, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression on a dense or sparse matrix, both classes weighted equally, by
+    L-BFGS from zero (deterministic): (weights, bias). The n-gram model and the ensemble's head both fit with it."""
     from scipy import optimize
 
-    cols = np.unique(X.indices)
-    Xs = X[:, cols].tocsr()
     sign = 2.0 * y - 1
     pos = y.mean()
     sample = np.where(y == 1, 0.5 / pos, 0.5 / (1 - pos)) / len(y)
 
     def loss(p):
         w, b = p[:-1], p[-1]
-        margin = -sign * (Xs @ w + b)
+        margin = -sign * (X @ w + b)
         grad = sample * -sign / (1 + np.exp(-margin))
         return (np.sum(sample * np.logaddexp(0, margin)) + 0.5 * l2 * w @ w,
-                np.concatenate([Xs.T @ grad + l2 * w, [grad.sum()]]))
+                np.concatenate([X.T @ grad + l2 * w, [grad.sum()]]))
 
-    result = optimize.minimize(loss, np.zeros(len(cols) + 1), jac=True, method="L-BFGS-B",
+    result = optimize.minimize(loss, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B",
                                options={"maxiter": 5000, "gtol": 1e-9, "ftol": 1e-14})
+    return result.x[:-1], float(result.x[-1])
+
+
+def fit(X, y: np.ndarray, l2: float = L2) -> tuple[np.ndarray, float]:
+    """The n-gram model's regression. Features never seen in training keep weight 0, so only the seen columns
+    are optimised."""
+    cols = np.unique(X.indices)
+    seen, bias = logistic(X[:, cols].tocsr(), y, l2)
     w = np.zeros(DIM)
-    w[cols] = result.x[:-1]
-    return w, float(result.x[-1])
+    w[cols] = seen
+    return w, bias
 
 
 @dataclass
