@@ -75,14 +75,16 @@ def endpoints(pack: Pack) -> dict:
     }
 
 
-def api_key(serve_dir: Path) -> str:
-    """API_KEY if set, else the run's stored key, else a new one; always written to serve_dir/api_key (0600)."""
+def given_key(serve_dir: Path) -> str:
+    """API_KEY if set, else the run's stored key, else ''."""
     path = serve_dir / "api_key"
-    key = os.environ.get("API_KEY", "").strip()
-    if not key and path.is_file():
-        key = path.read_text().strip()
-    if not key:
-        key = "sk-" + secrets.token_urlsafe(24)
+    return os.environ.get("API_KEY", "").strip() or (path.read_text().strip() if path.is_file() else "")
+
+
+def api_key(serve_dir: Path) -> str:
+    """given_key, else a new one; always written to serve_dir/api_key (0600)."""
+    path = serve_dir / "api_key"
+    key = given_key(serve_dir) or "sk-" + secrets.token_urlsafe(24)
     serve_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # an older file may have had wider permissions
@@ -141,8 +143,7 @@ def signature(pack: Pack, run_dir: Path, overrides: list[str]) -> str:
     """What a serve serves: the served stages' fingerprints, the serve settings, endpoints and command-line
     overrides, and (hashed) the key and the arena logins it was given. Equal signatures: nothing to restart."""
     serve_dir = layout.serve_dir(run_dir)
-    key = os.environ.get("API_KEY", "").strip() or (
-        (serve_dir / "api_key").read_text().strip() if (serve_dir / "api_key").is_file() else "")
+    key = given_key(serve_dir)
     blob = json.dumps({"stages": {s: (layout.read_stage(run_dir, s) or {}).get("fingerprint")
                                   for s in MODEL_STAGES},
                        "serve": pack.serve.model_dump(mode="json"), "system_prompt": pack.system_prompt,
@@ -161,7 +162,7 @@ def already_serving(pack: Pack, run_dir: Path, overrides: list[str], say) -> boo
         return False
     if state.get("signature") != signature(pack, run_dir, overrides):
         return False
-    key = os.environ.get("API_KEY", "").strip() or (serve_dir / "api_key").read_text().strip()
+    key = given_key(serve_dir)
     children = [Child(e["role"], None, e["url"], Path(e["log"]), e["models"]) for e in running]
     if not all(is_ready(c, key) for c in children):
         return False
@@ -177,7 +178,7 @@ def check_exposure(pack: Pack, host: str, serve_dir: Path) -> None:
     if is_loopback(host):
         return
     missing = []
-    if not os.environ.get("API_KEY", "").strip() and not (serve_dir / "api_key").is_file():
+    if not given_key(serve_dir):
         missing.append(f"an API key (API_KEY=<key>, or a key kept in {show_path(serve_dir / 'api_key')})")
     if not arena_users(pack.serve, serve_dir, pack.dir)[0]:
         where = pack.serve.arena_users_file or show_path(serve_dir / "arena_users")
