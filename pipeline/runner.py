@@ -273,8 +273,8 @@ def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = Non
 
 
 def summary_line(walls: dict[str, float | None], total: float) -> str:
-    """`done in 612s: cpt 170s, sft 198s, ... (up to date: base)`: where a run's time went (None: skipped)."""
+    """`took 612s in all: cpt 170s, sft 198s, ... (up to date: base)`: where a run's time went (None: skipped)."""
     ran = [f"{s} {w:.1f}s" for s, w in walls.items() if w is not None]
     kept = [s for s, w in walls.items() if w is None]
-    return (f"done in {total:.0f}s" + (f": {', '.join(ran)}" if ran else "")
+    return (f"took {total:.0f}s in all" + (f": {', '.join(ran)}" if ran else "")
             + (f" (up to date: {', '.join(kept)})" if kept else ""))

@@ -155,6 +155,14 @@ def stop_groups(pgids: list[int], owner: str, grace: float = 20) -> None:
             return
         time.sleep(0.2)
     signal_all(signal.SIGKILL)
+    deadline = time.time() + 10  # a killed process still has to exit and be reaped before it is gone
+    while time.time() < deadline and (marked(owner) or not all(_group_gone(g) for g in pgids)):
+        for g in pgids:
+            try:
+                os.waitpid(g, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.2)
 
 
 def _group_gone(pgid: int) -> bool:
