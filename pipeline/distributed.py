@@ -7,9 +7,11 @@ The runner stays one process per node: it decides fingerprints, holds the lock a
 stage with NPROC x NNODES > 1 it writes the Accelerate config (and a DeepSpeed JSON) generated from the pack's
 `distributed` section into the stage's work folder, then runs `accelerate launch ... -m pipeline stage --spec <file>`:
 every rank builds the same StageContext from a spec file (runner.run_one_rank) and runs the stage module; global
-rank 0 alone logs, writes log.jsonl, saves the outputs and hands its metrics back in `.metrics.json`. A rank that fails writes its
-error to the spec folder; the launcher stops the others and the runner raises that rank's error, so nothing
-is published and the same command resumes from the newest checkpoint.
+rank 0 alone logs, writes log.jsonl, saves the outputs and hands back its metrics and the group it trained in
+(`.metrics.json`; the runner checks the group has the asked-for size). Each rank marks its start and finish in the
+spec folder, and a rank that fails writes its error there; the launcher stops the others and the runner raises
+the cause (a rank killed, else the first rank's error), so nothing is published and the same command resumes
+from the newest checkpoint.
 
 A node with NODE_RANK > 0 builds nothing itself: it waits until node 0 has published the stages a training stage
 reads (runs/ must be one shared folder for every node), then joins that stage's launch.
@@ -99,9 +101,10 @@ def deepspeed_config(pack: Pack, cuda: bool) -> dict:
 def accelerate_config(pack: Pack, topo: Topology, cuda: bool, deepspeed_file: Path | None = None) -> dict:
     """Accelerate's config file (what `accelerate config` would write) for the pack's strategy."""
     strategy = pack.distributed.strategy
+    # DDP on CPUs too is MULTI_GPU here: Accelerate starts a MULTI_CPU config through mpirun only, and without an
+    # MPI host file it starts ONE process; MULTI_GPU's launcher is torchrun, and ACCELERATE_USE_CPU (launch_stage)
+    # makes each rank join a gloo group on the CPU
     kind = STRATEGIES[strategy]
-    if kind == "MULTI_GPU" and not cuda:
-        kind = "MULTI_CPU"  # DDP over gloo
     config: dict = {"compute_environment": "LOCAL_MACHINE", "distributed_type": kind,
                     "num_processes": topo.world_size, "num_machines": topo.nnodes, "machine_rank": topo.node_rank,
                     "main_process_ip": topo.master_addr, "main_process_port": topo.master_port,
@@ -176,8 +179,19 @@ def record_world(pack: Pack, topo: Topology, checkpoints: Path) -> None:
     (checkpoints / WORLD_FILE).write_text(json.dumps({"world_size": topo.world_size, "strategy": strategy}))
 
 
+def check_strategy(pack: Pack, topo: Topology, cuda: bool) -> None:
+    """Sharded strategies need GPUs: Accelerate runs FSDP and DeepSpeed only on accelerators (on a CPU its ranks
+    would silently train as plain DDP), so say so before anything runs."""
+    strategy = pack.distributed.strategy
+    if topo.world_size > 1 and not cuda and strategy != "ddp" and not pack.distributed.accelerate_config:
+        raise PackError(f"distributed.strategy={strategy} needs GPUs: Accelerate runs FSDP and DeepSpeed only on "
+                        "accelerators, and this machine has none. Use distributed.strategy=ddp here (every process "
+                        "holds the whole model), or run on a CUDA machine")
+
+
 def launch_stage(ctx, topo: Topology, cuda: bool) -> dict:
-    """Run ctx.stage on every rank of this node under `accelerate launch`; return rank 0's metrics (node 0)."""
+    """Run ctx.stage on every rank of this node under `accelerate launch`; return rank 0's metrics (node 0),
+    after checking that the ranks trained as one group of the expected world size and kind."""
     with tempfile.TemporaryDirectory(prefix=f"{ctx.stage}-spec-") as tmp:
         # node 0's config is published with the stage; another node's (its machine_rank) stays in its temp folder
         config_file = write_configs(ctx.pack, topo, ctx.out if topo.node_rank == 0 else Path(tmp), cuda)
@@ -189,21 +203,59 @@ def launch_stage(ctx, topo: Topology, cuda: bool) -> dict:
                 f"this is node {topo.node_rank}), strategy {ctx.pack.distributed.strategy}, "
                 f"config {show_path(config_file)}")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        if not cuda:
+            env["ACCELERATE_USE_CPU"] = "true"  # each rank: a gloo group on the CPU (see accelerate_config)
         proc = subprocess.run(launch_command(config_file, topo, spec), env=env)
-        errors = sorted(Path(tmp).glob("error-rank*.txt"), key=lambda p: int(p.stem.split("rank")[1]))
         if proc.returncode != 0:
-            if errors:
-                rank = errors[0].stem.split("rank")[1]
-                raise PackError(f"{ctx.stage} failed on rank {rank}: {errors[0].read_text().strip()}")
-            raise PackError(f"{ctx.stage}: a process of the stage was killed or exited without an error "
-                            f"(accelerate launch exit status {proc.returncode}; its output is above). Nothing was "
-                            f"published; the same command resumes from the newest checkpoint")
+            raise launch_error(ctx.stage, Path(tmp), proc.returncode)
     metrics_file = ctx.out / METRICS_FILE
     if topo.node_rank > 0:
         return {}
-    metrics = json.loads(metrics_file.read_text())
+    handed = json.loads(metrics_file.read_text())
     metrics_file.unlink()
-    return metrics
+    group, expected = handed["group"], expected_group(ctx.pack, cuda)
+    if group["processes"] != topo.world_size or (expected and group["type"] != expected):
+        raise PackError(f"{ctx.stage}: accelerate launch was asked for {topo.world_size} processes "
+                        f"({ctx.pack.distributed.strategy}), but rank 0 trained in a group of {group['processes']} "
+                        f"({group['type']}); nothing was published. Check the Accelerate config "
+                        f"(distributed.accelerate_config) and the NPROC/NNODES of every node")
+    return handed["metrics"]
+
+
+def ranks_marked(folder: Path, pattern: str) -> list[int]:
+    """The ranks that left `pattern` (e.g. `error-rank*.txt`) in the spec folder, in order."""
+    return sorted(int(p.name.split("rank")[1].split(".")[0]) for p in folder.glob(pattern))
+
+
+def launch_error(stage: str, folder: Path, status: int) -> PackError:
+    """Why a launch failed. A rank that started and left neither an error nor its finish mark was killed (or
+    exited silently): the cause, even when the ranks it left behind then fail in a collective."""
+    errored = ranks_marked(folder, "error-rank*.txt")
+    killed = sorted(set(ranks_marked(folder, "rank*.started")) - set(errored)
+                    - set(ranks_marked(folder, "rank*.finished")))
+    if killed or not errored:
+        which = f"rank {killed[0]}" if killed else "a process"
+        return PackError(f"{stage}: {which} of the stage was killed or exited without an error (accelerate launch "
+                         f"exit status {status}; its output is above). Nothing was published; the same command "
+                         "resumes from the newest checkpoint")
+    return PackError(f"{stage} failed on rank {errored[0]}: "
+                     f"{(folder / f'error-rank{errored[0]}.txt').read_text().strip()}")
+
+
+def expected_group(pack: Pack, cuda: bool) -> str | None:
+    """The distributed type Accelerate reports on every rank for the pack's strategy (None: the user's own
+    config decides)."""
+    if pack.distributed.accelerate_config:
+        return None
+    return STRATEGIES[pack.distributed.strategy] if cuda else "MULTI_CPU"
+
+
+def group_of_this_rank() -> dict:
+    """The group this rank trained in, as Accelerate set it up: {processes, type}."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return {"processes": state.num_processes, "type": state.distributed_type.value}
 
 
 def wait_for_upstream(pack: Pack, stage: str, run_dir: Path, fingerprint, log, timeout_s: float = 24 * 3600) -> None:

@@ -167,6 +167,8 @@ def run_one_rank(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ.get("RANK", "0"))
+    marks = Path(spec_path).parent  # started, finished or an error: what the runner reads if the launch fails
+    (marks / f"rank{rank}.started").touch()
     try:
         pack = Pack.model_validate(spec["pack"])
         pack._dir = Path(spec["pack_dir"])
@@ -177,12 +179,13 @@ def run_one_rank(spec_path: str) -> None:
         metrics = importlib.import_module(stages.BY_NAME[stage].module).run(ctx) or {}
     except BaseException as e:
         text = e.render().removeprefix("error: ") if isinstance(e, PackError) else traceback.format_exc(limit=-8)
-        (Path(spec_path).parent / f"error-rank{rank}.txt").write_text(text)
+        (marks / f"error-rank{rank}.txt").write_text(text)
         raise
     if rank == 0:
         tmp = ctx.out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, default=float))
+        tmp.write_text(json.dumps({"metrics": metrics, "group": distributed.group_of_this_rank()}, default=float))
         os.replace(tmp, ctx.out / distributed.METRICS_FILE)
+    (marks / f"rank{rank}.finished").touch()
 
 
 def _scale_summary(pack: Pack, stage: str, topo: distributed.Topology, metrics: dict) -> dict:
@@ -255,6 +258,10 @@ def run(pack: Pack, target: str, force: bool = False, run_dir: Path | None = Non
 
     import_unsloth_first([getattr(pack, s) for s in order if s in stages.TRAIN_STAGES])
     topo = distributed.topology()
+    if any(s in stages.TRAIN_STAGES for s in order):
+        from pipeline.backend import cuda_available
+
+        distributed.check_strategy(pack, topo, cuda_available())
     if topo.node_rank > 0:
         return run_worker_node(pack, order, run_dir, topo, forced)
     if any(getattr(pack, s).enabled for s in order if s in stages.TRAIN_STAGES):
