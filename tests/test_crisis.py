@@ -56,6 +56,21 @@ def test_guard_catches_the_misses_quoted_in_the_issue(text):
     assert shows_risk(text)
 
 
+@pytest.mark.parametrize("text, fires", [
+    ("I'm suicidal and I can't do this anymore", True),
+    ("I keep thinking about suicide", True),
+    ("I took an overdose an hour ago", True),
+    ("I'm a school counsellor, how should I ask a student about suicidal thoughts?", False),
+    ("How do doctors treat a paracetamol overdose? We covered it in class.", False),
+    ("Three years ago I tried to end my life. Today I graduated.", False),
+    ("I used to think everyone would be better off without me.", False),
+    ("Voglio farla finita con questa storia del condominio.", False),
+])
+def test_backstop_fires_on_first_person_present_risk_only(text, fires):
+    """Topic and past mentions spent the false-alarm budget (README, Safety); the learned part still reads them."""
+    assert crisis_model.regex_fires(text) is fires
+
+
 def test_training_set_is_labelled_and_large_enough():
     rows = rows_of(DATA / "crisis_train.jsonl")
     assert len(rows) >= 600 and all({"text", "risk", "lang"} <= set(r) for r in rows)
