@@ -6,11 +6,13 @@ hidden states also place "I'm going to join my dad" or "ho deciso di togliere il
 messages they resemble. The head is small (see EMBED_PATH); the encoder is the 135M model itself, loaded on
 first use (torch and transformers, ~0.5 GB of float32 weights) and run on the CPU, one message at a time.
 
-A message's vector: the token states of the last two layers averaged, then averaged over tokens, next to the
-token-average of layer 20 (of 30), standardised. The ensemble's probability is the mean of the two
-detectors'; its threshold, like the n-gram one's, spends the false-alarm budget (10% on cross-validation,
-backstop included) on recall. `python -m serve.crisis train` fits both; encoding the training set is slow
-on a CPU, so vectors are cached by text under runs/crisis_embed_cache.npz.
+A message's vector: the token-average of layers 10, 15, 20, 25 and 30 (of 30) side by side, and layer 20's
+state at the last token, standardised (3456 numbers). Several depths beat the last two layers and layer 20
+alone: on 2074 messages the head alone went 72.8% -> 79.6% recall at 10% false alarms (cross-validated), the
+ensemble 83.9% -> 85.8%. The ensemble's probability is the mean of the two detectors'; its threshold, like
+the n-gram one's, spends the false-alarm budget (10% on cross-validation, backstop included) on recall.
+`python -m serve.crisis train` fits both; encoding the training set is slow on a CPU, so vectors are cached
+by text (and layers) under runs/crisis_embed_cache.npz.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ from serve.crisis_model import FOLDS, REPO, fold_of, logistic
 
 EMBED_PATH = Path(__file__).with_name("crisis_embed.npz")
 CACHE_PATH = REPO / "runs" / "crisis_embed_cache.npz"
-LAYER = 20            # a middle layer, next to the mean of the last two
+MEAN_LAYERS = (10, 15, 20, 25, 30)   # hidden_states[0] is the embeddings; each is averaged over tokens
+LAST_LAYER = 20                      # ... and this one also read at the last token
 MAX_TOKENS = 256      # a longer message is read from its start; risk rarely waits past 200 words
-L2 = 0.1              # chosen by cross-validation (README, "Safety")
+L2 = 0.03             # chosen by cross-validation (README, "Safety")
 
 
 class EncoderMissing(RuntimeError):
@@ -65,8 +68,8 @@ class Encoder:
                 states = self.model(**ids, output_hidden_states=True).hidden_states
         finally:
             self.torch.set_num_threads(threads)
-        last = ((states[-1] + states[-2]) / 2)[0].mean(0)
-        return np.concatenate([last.float().numpy(), states[LAYER][0].mean(0).float().numpy()]).astype(np.float32)
+        parts = [states[i][0].mean(0) for i in MEAN_LAYERS] + [states[LAST_LAYER][0, -1]]
+        return np.concatenate([p.float().numpy() for p in parts]).astype(np.float32)
 
 
 @lru_cache(maxsize=1)
@@ -75,7 +78,8 @@ def encoder() -> Encoder:
 
 
 def _key(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
+    # the layers are part of the key: a cache written for other features is not read as this one
+    return hashlib.sha1(f"{MEAN_LAYERS}{LAST_LAYER}{MAX_TOKENS}\0{text}".encode()).hexdigest()
 
 
 def encode_all(texts: list[str], say=print) -> np.ndarray:

@@ -32,16 +32,21 @@ MODEL_PATH = Path(__file__).with_name("crisis_model.npz")
 # ------------------------------------------------------------------------------------------ backstop
 
 # Written against crisis_examples.jsonl; alone they caught 4 of 20 separately written risk messages, so they
-# only add to the detector's recall. Idioms such as "this deadline is killing me" are excluded.
+# only add to the detector's recall. Idioms such as "this deadline is killing me" are excluded. Their false
+# alarms spend the same 10% budget as the learned part's: "suicide", "self-harm" and "overdose" as topics
+# (a counsellor's question, a pharmacology class) and past, recovered risk cost 7 points of the ensemble's
+# cross-validated recall, so those words count only in the first person, and nothing fires when _PAST does.
 _RISK = [
     # direct statements (typos such as "kil myself" included)
-    r"(?<!not thinking of )(?<!never )\b(kill|kil|kll|killing|hurt|hurting|harm|harming)\s*(my\s*self|myself|meself)\b"
+    r"(?<!not thinking of )(?<!never )(?<!never wanted to )(?<!ever thought about )"
+    r"\b(kill|kil|kll|killing|hurt|hurting|harm|harming)\s*(my\s*self|myself|meself)\b"
     r"(?!\s+(laughing|at|lifting|playing|tripping|while))",
     r"\b(cut|cutting)\s+(my\s*self|myself)\b(?!\s+(shaving|while|on|by|accidentally|cooking|with\s+a\s+kitchen))",
-    # "suicide" said of others, in the past or at work ("died by suicide", "suicide prevention") is not risk
-    r"(?<!died by )(?<!committed )(?<!signs of )(?<!not )(?<!prevention )\bsuicid(e|al)\b"
-    r"(?!\s+(prevention|rates?|risk|hotline|awareness|years\s+ago))(?!.{0,30}\b(years\s+ago|student|client|patient)s?\b)",
-    r"(?<!free of )(?<!used to )\bself[-\s]?harm(?!.{0,30}\b(client|patient|clinically|years|free)\b)",
+    # "suicide" and "self-harm" in the first person, now (said of others or as a topic they are not risk)
+    r"(?<!not )\b(i'?m|i\s+am|feel|feeling|been|getting|still|actively)\s+(so\s+|really\s+|very\s+|kinda\s+)?suicidal\b",
+    r"(?<!not )(?<!never )\b(commit|committing|attempt|attempting|contemplating|considering|thinking\s+(about|of))"
+    r"\s+suicide\b",
+    r"\bi\s+(self[-\s]?harm|keep\s+self[-\s]?harming|('?ve|have)\s+been\s+self[-\s]?harming|started\s+self[-\s]?harming)\b",
     r"\b(end|ending|take|taking)\s+(my|my\s+own)\s+life\b",
     r"\bend\s+it\b.{0,20}\b(all|tonight|today|now|soon|for\s+good)\b",
     r"\b(want|wanna|plan|planning|ready)\s+to\s+(die|end\s+it)\b(?!\s+(of|with)\b)",
@@ -63,7 +68,7 @@ _RISK = [
     r"\b(jump|jumping)\s+(off|from|in\s+front\s+of)\b",
     r"\b(drive|driving|crash|crashing)\b.{0,40}\bon\s+purpose\b",
     r"\b(bought|buying|got|have)\s+(a\s+)?(rope|noose|gun)\b",
-    r"(?<!died of an )\b(overdose|od)\b(?!\s+(of|on)\b)",
+    r"\b(take|taking|took|taken|do|doing|going\s+to|gonna|want\s+to|wanna)\s+(an?\s+)?(overdose|od)\b(?!\s+(of|on)\b)",
     r"\b(saving|stockpiling|hoarding|collecting)\s+(up\s+)?(my\s+)?(pills|tablets|meds|medication)\b",
     r"\b(pills|tablets)\b.{0,40}\b(not\s+wake|never\s+wake|to\s+die|enough)\b",
     r"\b(this|today|tonight)\s+(is|will\s+be|is\s+going\s+to\s+be)\s+my\s+last\s+(day|night|week)\b(?!\s+(at|of|in|on|with)\b)",
@@ -75,13 +80,17 @@ _RISK = [
     r"\b(said|saying|say)\s+goodbye\s+to\s+everyone\b",
     r"\b(letters?|notes?)\b.{0,40}\bgoodbye\b|\bgoodbye\s+(letters?|notes?)\b",
     # Italian
-    r"\b(uccidermi|suicidarmi|ammazzarmi|farla\s+finita|togliermi\s+la\s+vita|non\s+voglio\s+più\s+vivere)\b",
+    r"\b(uccidermi|suicidarmi|ammazzarmi|farla\s+finita(?!\s+con\b)|togliermi\s+la\s+vita|non\s+voglio\s+più\s+vivere)\b",
 ]
 _PATTERNS = [re.compile(p, re.IGNORECASE) for p in _RISK]
+# risk told as past ("three years ago I tried to end my life, today I graduated"): the learned part decides
+_PAST = re.compile(r"\b(years?\s+ago|months\s+ago|used\s+to|back\s+in|when\s+i\s+was|years?\s+(since|clean|free)|"
+                   r"(clean|free)\s+(from|of)|anni\s+fa|mesi\s+fa|una\s+volta|quando\s+ero|da\s+ragazz[oa]|pensavo\s+di)\b",
+                   re.IGNORECASE)
 
 
 def regex_fires(text: str) -> bool:
-    return any(p.search(text or "") for p in _PATTERNS)
+    return not _PAST.search(text or "") and any(p.search(text or "") for p in _PATTERNS)
 
 
 # ---------------------------------------------------------------------------------- learned detector

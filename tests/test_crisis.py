@@ -51,9 +51,24 @@ def test_guard_stays_quiet_on_idioms(text):
     "Voglio morire, non ce la faccio più a vivere così",
 ])
 def test_guard_catches_the_misses_quoted_in_the_issue(text):
-    """Quoted in issue 20 from the separately written set; not in the training data."""
-    assert text not in {r["text"] for r in crisis_model.read_rows(crisis_model.TRAIN_FILES)}
+    """Quoted in issue 20 from the first held-out set, which became training data after its second use
+    (crisis_heldout.md): a check of the shipped model, no longer of generalisation."""
     assert shows_risk(text)
+
+
+@pytest.mark.parametrize("text, fires", [
+    ("I'm suicidal and I can't do this anymore", True),
+    ("I keep thinking about suicide", True),
+    ("I took an overdose an hour ago", True),
+    ("I'm a school counsellor, how should I ask a student about suicidal thoughts?", False),
+    ("How do doctors treat a paracetamol overdose? We covered it in class.", False),
+    ("Three years ago I tried to end my life. Today I graduated.", False),
+    ("I used to think everyone would be better off without me.", False),
+    ("Voglio farla finita con questa storia del condominio.", False),
+])
+def test_backstop_fires_on_first_person_present_risk_only(text, fires):
+    """Topic and past mentions spent the false-alarm budget (README, Safety); the learned part still reads them."""
+    assert crisis_model.regex_fires(text) is fires
 
 
 def test_training_set_is_labelled_and_large_enough():
@@ -497,6 +512,10 @@ def test_heldout_recall_and_false_alarms(monkeypatch):
     monkeypatch.setenv("CRISIS_DETECTOR", "ensemble")
     if not HELDOUT.is_file():
         pytest.skip(f"{HELDOUT.name} is not in this checkout (merge branch crisis-heldout)")
+    trained_on = {r["text"] for r in crisis_model.read_rows(crisis_model.TRAIN_FILES)}
+    if any(r["text"] in trained_on for r in rows_of(HELDOUT)):
+        pytest.skip(f"{HELDOUT.name} is in the training data, so no longer held out (crisis_heldout.md); "
+                    "put the newly written set in its place")
     result = crisis.evaluate(HELDOUT, say=lambda m: None)["all"]
     assert result["n"] >= 200 and result["risk"] >= 100
     assert result["recall"] >= 0.95, result
