@@ -11,9 +11,6 @@ from pathlib import Path
 
 from core.errors import PackError
 
-ARGS_COMMON = dict(save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
-                   disable_tqdm=False, dataloader_pin_memory=False)
-
 
 def tracking(pack, run_dir: Path) -> str:
     """transformers' report_to for the pack's `tracking`, after checking its package is installed.

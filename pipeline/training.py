@@ -31,8 +31,10 @@ from pipeline.backend import cuda_available
 from pipeline.distributed import is_main_rank
 from pipeline.tracking import point_tensorboard, tracking
 
+# ddp_find_unused_parameters: every trainable weight (LoRA or full) takes part in each forward; searching the
+# graph for unused ones (the Trainer's default for a PEFT model) is an extra traversal per step
 ARGS_COMMON = dict(save_strategy="steps", save_total_limit=2, dataloader_num_workers=0,
-                   disable_tqdm=False, dataloader_pin_memory=False)
+                   disable_tqdm=False, dataloader_pin_memory=False, ddp_find_unused_parameters=False)
 
 
 def training_args(config_cls, section: TrainStage, ctx, **extra):
