@@ -44,8 +44,10 @@ def test_shipped_benchmark_is_valid_balanced_and_disjoint_from_training(path):
     assert all(abs(counts[i] - len(rows) / 4) <= len(rows) * 0.05 for i in range(4)), counts
     questions = [r["question"] for r in rows]
     assert len(set(questions)) == len(questions)
-    training = set()
-    for f in (path.parents[1]).glob("*.jsonl"):  # data/*.jsonl: what the stages train on
+    pack, training = load_pack(path.parts[-4]), set()
+    files = {pack.dir / s.path for stage in ("cpt", "sft", "pref") for s in pack.sources(stage) if s.path}
+    assert files, "no local training files found"
+    for f in files:  # what the stages train on (not, e.g., the crisis guard's own data)
         for line in f.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 for s in strings(json.loads(line)):
