@@ -148,6 +148,7 @@ def run(ctx) -> dict:
                    train_loss_mean=trained["train_loss_mean"], train_runtime_s=round(trained["train_runtime"], 2))
     restore()
     training.save_outputs(trainer, input_dir, ctx, f"{pack.name}: {method.upper()}")
-    ctx.log(f"loss {metrics['train_loss']}, reward accuracy {metrics['rewards/accuracies']}, "
-            f"margin {metrics['rewards/margins']}, {metrics['tokens_per_s']} tokens/s")
+    accuracy = metrics["rewards/accuracies"]  # KTO's rows are unpaired: no accuracy
+    ctx.log(f"loss {metrics['train_loss']}" + (f", reward accuracy {accuracy}" if accuracy is not None else "")
+            + f", margin {metrics['rewards/margins']}, {metrics['tokens_per_s']} tokens/s")
     return {k: v for k, v in metrics.items() if v is not None}
