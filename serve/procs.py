@@ -141,28 +141,26 @@ def stop_groups(pgids: list[int], owner: str, grace: float = 20) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
 
+    def gone_within(seconds: float) -> bool:
+        deadline = time.time() + seconds
+        while True:
+            for g in pgids:
+                try:  # reap it when it is our child: a zombie leader keeps the group "alive"
+                    os.waitpid(g, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            # gone when no process of ours runs and the recorded groups are gone: their killed members are
+            # reaped (by us, or by init for orphans), so the group id is free and nothing looks alive
+            if not marked(owner) and all(_group_gone(g) for g in pgids):
+                return True
+            if time.time() >= deadline:
+                return False
+            time.sleep(0.2)
+
     signal_all(signal.SIGTERM)
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        for g in pgids:
-            try:  # reap it when it is our child: a zombie leader keeps the group "alive"
-                os.waitpid(g, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        # done when no process of ours runs and the recorded groups are gone: their killed members are
-        # reaped (by us, or by init for orphans), so the group id is free and nothing looks alive
-        if not marked(owner) and all(_group_gone(g) for g in pgids):
-            return
-        time.sleep(0.2)
-    signal_all(signal.SIGKILL)
-    deadline = time.time() + 10  # a killed process still has to exit and be reaped before it is gone
-    while time.time() < deadline and (marked(owner) or not all(_group_gone(g) for g in pgids)):
-        for g in pgids:
-            try:
-                os.waitpid(g, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        time.sleep(0.2)
+    if not gone_within(grace):
+        signal_all(signal.SIGKILL)
+        gone_within(10)  # a killed process still has to exit and be reaped before it is gone
 
 
 def _group_gone(pgid: int) -> bool:
