@@ -14,6 +14,9 @@ reference (SimPO is TRL's CPOTrainer with loss_type=simpo and cpo_alpha=0, as TR
 KTO learns from unpaired rows {prompt, completion, label}: a pair gives one of each (chosen true, rejected
 false), placed next to each other so that a batch holds both kinds (TRL's KTO samples batches in order).
 log.jsonl records the loss and the reward margins and accuracies (chosen beats rejected) as they move.
+DPO's and KTO's rewards are relative to the reference, so they start at 0; ORPO's, CPO's and SimPO's are the
+model's own log-probabilities (SimPO's per token), which start wherever the input model ranks the pairs: for
+those the held-out pairs are also scored before training, and the closing line gives both.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from core.runlog import append_log
 from pipeline import tracking, training
 from pipeline.backend import load_model, lora_config, resolve_backend
 from pipeline.distributed import is_main_rank
+
+REFERENCE_FREE = ("orpo", "cpo", "simpo")  # their rewards do not start at 0
 
 
 def render_len(tokenizer, messages: list[dict]) -> int:
@@ -62,6 +67,16 @@ def prepare_pairs(rows: list[dict], tokenizer, system_prompt: str, max_length: i
         raise PackError(f"{where}: all {len(rows)} pairs are longer than pref.max_length={max_length} tokens "
                         "(prompt + answer with the chat template); raise pref.max_length or shorten them")
     return pairs, dropped, tokens
+
+
+def held_out_line(metrics: dict) -> str:
+    """Held-out reward accuracy and margin, 'before -> after' where the rewards did not start at 0."""
+    parts = []
+    for name, key in (("reward accuracy", "rewards/accuracies"), ("margin", "rewards/margins")):
+        after, before = metrics.get(f"eval_{key}"), metrics.get(f"eval_{key}_before")
+        if after is not None:
+            parts.append(f"{name} {after:.3g}" if before is None else f"{name} {before:.3g} -> {after:.3g}")
+    return ", ".join(parts)
 
 
 def run(ctx) -> dict:
@@ -135,6 +150,12 @@ def run(ctx) -> dict:
     # DPO and KTO score answers through TRL's chunked LM head; on the CPU the plain one (pipeline/fastpath.py)
     restore = training.speed_up_on_cpu(trainer, ctx) if method in ("dpo", "kto") else (lambda: None)
     epoch_before = trainer.state.epoch or 0.0
+    # before training the adapter is fresh (also when resuming: the checkpoint loads in train), i.e. the input model;
+    # not under FSDP or DeepSpeed, whose Trainer must prepare the model for training first
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    start = trainer.evaluate() if eval_pairs and method in REFERENCE_FREE and not sharded else {}
+    metrics["eval_rewards/accuracies_before"] = start.get("eval_rewards/accuracies")
+    metrics["eval_rewards/margins_before"] = start.get("eval_rewards/margins")
     trained = training.train(trainer, ctx)
     metrics.update(training.throughput(tokens_per_epoch, trained, epoch_before))
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
@@ -151,4 +172,6 @@ def run(ctx) -> dict:
     accuracy = metrics["rewards/accuracies"]  # KTO's rows are unpaired: no accuracy
     ctx.log(f"loss {metrics['train_loss']}" + (f", reward accuracy {accuracy}" if accuracy is not None else "")
             + f", margin {metrics['rewards/margins']}, {metrics['tokens_per_s']} tokens/s")
+    if held_out_line(metrics):
+        ctx.log(f"held-out pairs: {held_out_line(metrics)}")
     return {k: v for k, v in metrics.items() if v is not None}

@@ -233,6 +233,11 @@ def test_preference_methods(toy, method):
     assert pref["method"] == ("dpo" if method == "ipo" else method)
     margins = [r["rewards/margins"] for r in log if "rewards/margins" in r]
     assert log[-1]["loss"] < log[0]["loss"] and margins[-1] > margins[0]
+    # SimPO's and CPO's rewards are the model's own log-probabilities: the held-out pairs are scored before too
+    reference_free = method in ("simpo", "cpo")
+    assert ("eval_rewards/margins_before" in pref) == reference_free
+    if reference_free:
+        assert pref["eval_rewards/margins"] > pref["eval_rewards/margins_before"]
     if method == "kto":
         assert pref["train_rows"] + pref["eval_rows"] == 2 * (len(PAIRS) - 1) + len(RATED)
 
