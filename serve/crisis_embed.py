@@ -78,8 +78,8 @@ class Encoder:
         mask = torch.zeros_like(ids)
         for i, seq in enumerate(seqs):
             ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
-        # One thread for a single message: more only fight over the cores the model servers use (4.7 s a message
-        # with the default threads on a busy 2-core machine, 190 ms with one); put back after, so a process that
+        # One thread for a single message: more only fight over the cores the model servers use (seconds a message
+        # with the default threads on a busy 2-core machine, 0.4-0.7 s with one); put back after, so a process that
         # also trains or scores (a test session, `serve.crisis train`) keeps its threads.
         threads = torch.get_num_threads()
         torch.set_num_threads(1 if len(texts) == 1 else threads)

@@ -19,7 +19,7 @@ from serve.crisis_middleware import CrisisMiddleware
 
 DATA = REPO / "domains" / "counseling" / "data"
 EXAMPLES = DATA / "crisis_examples.jsonl"
-HELDOUT = DATA / "crisis_heldout2.jsonl"
+HELDOUT = DATA / "crisis_heldout3.jsonl"
 
 
 def rows_of(path):
@@ -503,15 +503,11 @@ def test_evaluate_reports_wilson_intervals_per_language_and_follows_the_detector
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured once, after the detector was frozen (54338fd): recall 93.0% "
-                   "[88.0, 96.1], false alarms 7.9% [4.7, 13.1] on the 322 of 330 messages not also in the training "
-                   "data; the 95% recall target is missed (README, Safety). strict: remove this mark when a guard "
-                   "meets it")
 def test_heldout_recall_and_false_alarms(monkeypatch, tmp_path):
-    """Targets of issue 20 on the second set written separately (crisis_heldout2.md), never used for training,
-    with the counseling pack's detector (the ensemble: SmolLM2 runs on every message, hence slow). A few short
-    messages ("I want to kill myself.") were written by both authors; they are left out, and a set mostly in the
-    training data is no longer held out."""
+    """Targets of issue 20 on the third set written separately (crisis_heldout3.md), never used for training,
+    with the counseling pack's detector (the ensemble: SmolLM2 runs on every message, hence slow). Measured once
+    on the frozen detector (685bc40): recall 98.3% [95.2, 99.4], false alarms 5.0% [2.7, 9.2]. A message both
+    authors wrote would be left out, and a set mostly in the training data is no longer held out."""
     monkeypatch.setenv("CRISIS_DETECTOR", "ensemble")
     trained_on = {r["text"] for r in crisis_model.read_rows(crisis_model.TRAIN_FILES)}
     rows = rows_of(HELDOUT)
