@@ -14,7 +14,7 @@ on 3368 messages (cross-validated, at 10% false alarms): head alone 83.3% -> 86.
 92.7%; the model's own yes/no answer is no better than chance, so only its states are used. The ensemble's
 probability is the mean of the two detectors'; its threshold, like the n-gram one's, spends the false-alarm
 budget (10% on cross-validation, backstop included) on recall. `python -m serve.crisis train` fits both;
-encoding the training set takes ~10 minutes on a 2-core CPU, so vectors are cached by text (and prompt and
+encoding the training set takes 20-25 minutes on a 2-core CPU, so vectors are cached by text (and prompt and
 layers) under runs/crisis_embed_cache.npz.
 """
 from __future__ import annotations
