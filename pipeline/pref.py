@@ -172,6 +172,6 @@ def run(ctx) -> dict:
     accuracy = metrics["rewards/accuracies"]  # KTO's rows are unpaired: no accuracy
     ctx.log(f"loss {metrics['train_loss']}" + (f", reward accuracy {accuracy}" if accuracy is not None else "")
             + f", margin {metrics['rewards/margins']}, {metrics['tokens_per_s']} tokens/s")
-    if held_out_line(metrics):
-        ctx.log(f"held-out pairs: {held_out_line(metrics)}")
+    if held_out := held_out_line(metrics):
+        ctx.log(f"held-out pairs: {held_out}")
     return {k: v for k, v in metrics.items() if v is not None}
